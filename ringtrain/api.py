@@ -1,0 +1,69 @@
+"""``ringtrain.run``: validate, package the function, hand it to the launcher."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from typing import Any
+
+from .config import JobConfig
+from .errors import ConfigError
+from .launcher import driver
+from .worker import FunctionTask
+
+
+def run(
+    fn: Callable[..., Any],
+    *args: Any,
+    num_proc: int | None = None,
+    backend: str = "tf",
+    return_all: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """Run ``fn(*args, **kwargs)`` on ``num_proc`` workers of a Spark barrier job.
+
+    Each worker is a fresh Python process with its rank in the environment and,
+    for ``backend="tf"``, a TF_CONFIG for MultiWorkerMirroredStrategy. Returns rank
+    0's return value, or every rank's in rank order with ``return_all=True``.
+    Raises :class:`ringtrain.WorkerError` naming the failing rank(s) if any worker
+    fails; every other worker is stopped first.
+
+    Example::
+
+        def train():
+            import tensorflow as tf
+            strategy = ringtrain.tf.strategy()
+            with strategy.scope():
+                model = tf.keras.Sequential([tf.keras.layers.Dense(1)])
+                model.compile("sgd", "mse")
+            return model.fit(x, y, epochs=2).history["loss"][-1]
+
+        final_loss = ringtrain.run(train, num_proc=2)
+    """
+    if not callable(fn):
+        raise ConfigError(f"fn must be callable, got {type(fn).__name__}")
+    config = JobConfig.from_env(num_proc=num_proc, backend=backend)
+    payload = serialize_task(FunctionTask(fn, args, kwargs))
+    results = driver.launch(config, payload)
+    values = [_load_result(results.get(rank)) for rank in sorted(results)]
+    return values if return_all else values[0]
+
+
+def serialize_task(task: Any) -> bytes:
+    """Pickle the worker task now, so an unpicklable fn fails before any job starts."""
+    import cloudpickle
+
+    try:
+        return cloudpickle.dumps(task)
+    except Exception as err:
+        raise ConfigError(
+            f"the function or its arguments cannot be pickled ({type(err).__name__}: {err}); "
+            "workers run in separate processes, so create locks, sessions, sockets and open files "
+            "inside fn rather than capturing them"
+        ) from err
+
+
+def _load_result(data: bytes | None) -> Any:
+    if data is None:
+        return None
+    return pickle.loads(data)

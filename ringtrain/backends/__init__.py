@@ -1,0 +1,1 @@
+"""Training backends: how workers of one job talk to each other."""

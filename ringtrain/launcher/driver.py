@@ -1,0 +1,183 @@
+"""The driver: launches one job and turns what the agents report into a result or an error."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import secrets
+import sys
+import time
+from functools import partial
+from typing import TextIO
+
+from ..config import JobConfig
+from ..errors import ChannelError, Failure, JobTimeoutError, RingtrainError, WorkerError
+from . import spark
+from .agent import TaskJob, run_barrier_task
+from .channel import ChannelServer
+
+logger = logging.getLogger(__name__)
+
+
+class LogPrinter:
+    """Writes each worker line to the caller's stdout or stderr, prefixed with its rank."""
+
+    def __init__(self, stdout: TextIO | None = None, stderr: TextIO | None = None):
+        self._streams = {"stdout": stdout, "stderr": stderr}
+
+    def __call__(self, rank: int, stream: str, line: str) -> None:
+        out = self._streams.get(stream) or (sys.stdout if stream == "stdout" else sys.stderr)
+        out.write(f"[{rank}] {line}\n")
+        out.flush()
+
+
+def launch(config: JobConfig, payload: bytes, printer: LogPrinter | None = None) -> dict[int, bytes | None]:
+    """Run ``payload`` (a pickled worker task) on every worker; return pickled results by rank."""
+    session = spark.get_session(config)
+    sc = session.sparkContext
+    layout = spark.preflight(sc, config)
+    driver_host = sc.getConf().get("spark.driver.host") or "127.0.0.1"
+    secret = secrets.token_bytes(32)
+    with ChannelServer(secret) as server:
+        job = TaskJob(
+            driver=(driver_host, server.port),
+            secret=secret,
+            backend=config.backend,
+            payload=payload,
+            worker_env=dict(config.worker_env) | _thread_env(config),
+            kill_grace=config.kill_grace,
+            show_tf_noise=config.show_tf_noise,
+            gpus_per_worker=config.gpus_per_worker,
+        )
+        barrier = spark.BarrierJob(sc, layout.num_tasks, partial(run_barrier_task, job))
+        barrier.start()
+        supervisor = _Supervisor(server, barrier, layout, config, printer or LogPrinter())
+        return supervisor.run()
+
+
+def _thread_env(config: JobConfig) -> dict[str, str]:
+    if not config.threads_per_worker:
+        return {}
+    n = str(config.threads_per_worker)
+    return {"TF_NUM_INTRAOP_THREADS": n, "TF_NUM_INTEROP_THREADS": n, "OMP_NUM_THREADS": n}
+
+
+class _Supervisor:
+    """The driver's event loop: prints logs, gathers results, stops everything on failure."""
+
+    def __init__(
+        self,
+        server: ChannelServer,
+        barrier: spark.BarrierJob,
+        layout: spark.Layout,
+        config: JobConfig,
+        printer: LogPrinter,
+    ):
+        self.server = server
+        self.barrier = barrier
+        self.layout = layout
+        self.config = config
+        self.printer = printer
+        self.results: dict[int, bytes | None] = {}
+        self.failures: list[Failure] = []
+        self.done_tasks: set[int] = set()
+
+    def run(self) -> dict[int, bytes | None]:
+        try:
+            self._wait(
+                lambda: len(self.results) == self.layout.num_proc or self.failures,
+                timeout=self.config.timeout,
+            )
+            if not self.failures and len(self.results) < self.layout.num_proc:
+                running = sorted(set(range(self.layout.num_proc)) - set(self.results))
+                self._stop("the job timed out")
+                raise JobTimeoutError(
+                    f"the job did not finish within its {self.config.timeout:g} s timeout; ranks "
+                    f"{running} were still running and have been stopped. Raise the timeout or look "
+                    "for a rank stuck waiting on its peers"
+                )
+            if self.failures:
+                self._stop("a worker failed")
+                raise WorkerError(self.failures)
+            # Agents finish right after their last report; the Spark job ends with them.
+            self._wait(lambda: self.barrier.done(), timeout=self.config.abort_wait)
+            return self.results
+        except BaseException:
+            if not self.failures:
+                self._stop("the driver is stopping the job")
+            raise
+        finally:
+            self.barrier.cancel()
+            self.barrier.join(self.config.abort_wait)
+
+    def _stop(self, reason: str) -> None:
+        """Abort every agent and wait, briefly, for them to confirm their workers are gone."""
+        self.server.broadcast(("abort", reason))
+        try:
+            self._wait(
+                lambda: len(self.done_tasks) == self.layout.num_tasks or self.barrier.done(),
+                timeout=self.config.abort_wait,
+            )
+        except RingtrainError:
+            pass
+        self.barrier.cancel()
+
+    def _wait(self, finished, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not finished():
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            try:
+                _, message = self.server.inbox.get(timeout=0.1)
+            except queue.Empty:
+                if self.barrier.done() and not finished():
+                    self._drain()
+                    if not finished():
+                        raise self._job_ended_early() from None
+                continue
+            self._handle(message)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                _, message = self.server.inbox.get_nowait()
+            except queue.Empty:
+                return
+            self._handle(message)
+
+    def _handle(self, message) -> None:
+        if message is None:
+            return
+        kind = message[0]
+        if kind == "log":
+            self.printer(*message[1:])
+        elif kind == "result":
+            self.results[message[1]] = message[2]
+        elif kind == "failed":
+            self.failures.append(Failure(*message[1:]))
+        elif kind == "done":
+            self.done_tasks.add(message[1])
+        else:
+            logger.warning("ignoring an unknown control message %r", kind)
+
+    def _job_ended_early(self) -> RingtrainError:
+        if self.failures:
+            return WorkerError(self.failures)
+        err = self.barrier.error
+        if err is None:
+            return ChannelError(
+                f"the Spark job ended but only {len(self.results)} of {self.layout.num_proc} workers "
+                "reported; see the executor logs"
+            )
+        return RingtrainError(f"the Spark barrier job failed before the workers finished: {_first_line(err)}")
+
+
+def _first_line(err: BaseException) -> str:
+    """The most telling line of a Spark job error: the Python exception raised in a task, if any."""
+    text = str(err).strip()
+    raised = re.findall(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$", text, re.MULTILINE)
+    python_side = [f"{name}: {msg}" for name, msg in raised if not name.startswith("Py4J")]
+    if python_side:
+        return python_side[-1]
+    return text.splitlines()[0] if text else type(err).__name__

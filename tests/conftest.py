@@ -1,0 +1,50 @@
+"""Shared fixtures: a warm local Spark session and a check that no worker outlives a test."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+# Keep multi-process tests small and quiet: one TF thread per worker.
+os.environ.setdefault("RINGTRAIN_TF_THREADS", "1")
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(_HERE, "helpers"))
+# Workers unpickle functions defined in test modules by module name, so the test
+# folders must be importable in the Spark executors (which inherit this environment).
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [os.path.join(_HERE, "integration"), os.path.join(_HERE, "helpers")]
+    + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+)
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from pyspark.sql import SparkSession
+
+    session = (
+        SparkSession.builder.master("local[2]")
+        .appName("ringtrain-tests")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.driver.host", "127.0.0.1")
+        .config("spark.driver.bindAddress", "127.0.0.1")
+        .getOrCreate()
+    )
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def no_leftover_workers():
+    """Fails the test if any worker process it started is still alive afterwards."""
+    from procs import wait_for_no_workers, worker_pids
+
+    before = set(worker_pids())
+    yield
+    left = wait_for_no_workers(exclude=before, timeout=2.0)
+    assert not left, f"worker processes outlived the job: {left}"

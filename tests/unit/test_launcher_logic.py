@@ -1,0 +1,125 @@
+"""Pure launcher logic: task layout, GPU amounts, noise filter, worker environment."""
+
+import pickle
+import signal
+import socket
+
+import pytest
+
+from ringtrain.backends.tf import communication, gpu_assigned
+from ringtrain.config import JobConfig
+from ringtrain.errors import ConfigError, Failure, ResourceError, WorkerError
+from ringtrain.launcher.agent import TaskJob, is_tf_noise, worker_environ
+from ringtrain.launcher.ports import PortReservation
+from ringtrain.launcher.spark import gpus_per_task, layout_for
+from ringtrain.rendezvous import TaskOffer, plan
+
+
+def test_layout_on_cpu():
+    assert layout_for(2, slots=4, per_task=0).num_tasks == 2
+    assert layout_for(None, slots=3, per_task=0).num_proc == 3
+    with pytest.raises(ResourceError, match=r"num_proc=5 needs 5 .* cluster has 2"):
+        layout_for(5, slots=2, per_task=0)
+    with pytest.raises(ResourceError, match="no free task slots"):
+        layout_for(None, slots=0, per_task=0)
+
+
+def test_layout_on_gpu():
+    layout = layout_for(4, slots=2, per_task=2)
+    assert (layout.num_tasks, layout.num_proc) == (2, 4)
+    assert layout_for(None, slots=2, per_task=2).num_proc == 4
+    with pytest.raises(ResourceError, match=r"asks for 6 GPUs.*\(4 GPUs\)"):
+        layout_for(6, slots=2, per_task=2)
+    with pytest.raises(ConfigError, match="not a multiple"):
+        layout_for(3, slots=2, per_task=2)
+    two_gpu_workers = layout_for(2, slots=2, per_task=4, gpus_per_worker=2)
+    assert (two_gpu_workers.num_tasks, two_gpu_workers.workers_per_task) == (1, 2)
+
+
+def test_gpu_amounts():
+    assert gpus_per_task(None) == 0
+    assert gpus_per_task("2") == 2
+    assert gpus_per_task("1.0") == 1
+    with pytest.raises(ConfigError, match="whole number"):
+        gpus_per_task("0.5")
+
+
+def test_tf_noise_filter_drops_startup_lines_only():
+    noise = [
+        "I0000 00:00:1795320329.774868    3617 port.cc:153] oneDNN custom operations are on.",
+        "W0000 00:00:1795320329.776125    3617 cudart_stub.cc:31] Could not find cuda drivers",
+        "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+        "E0000 00:00:1795320128.060025    2695 cuda_platform.cc:52] failed call to cuInit: INTERNAL",
+    ]
+    kept = [
+        "E0000 00:00:1795320128.060025    2695 collective_ops.cc:12] Collective op failed",
+        "Traceback (most recent call last):",
+        "I love this model",
+    ]
+    assert all(is_tf_noise(line) for line in noise)
+    assert not any(is_tf_noise(line) for line in kept)
+
+
+def test_communication_choice():
+    assert communication(gpu_assigned=True) == "NCCL"
+    assert communication(gpu_assigned=False) == "RING"
+    assert gpu_assigned({"CUDA_VISIBLE_DEVICES": "1"})
+    assert not gpu_assigned({"CUDA_VISIBLE_DEVICES": ""})
+    assert not gpu_assigned({})
+
+
+def test_worker_environ_places_worker_and_keeps_user_env(monkeypatch):
+    monkeypatch.delenv("TF_USE_LEGACY_KERAS", raising=False)
+    spec = plan([TaskOffer(0, "h", (7,), ("3",))])[0]
+    job = TaskJob(("h", 1), b"s", "tf", b"", {"MY_VAR": "x"}, 1.0, False)
+    env = worker_environ(job, spec)
+    assert env["RANK"] == "0" and env["CUDA_VISIBLE_DEVICES"] == "3" and env["MY_VAR"] == "x"
+    assert env["TF_USE_LEGACY_KERAS"] == "1" and env["TF_GRPC_REUSE_PORT"] == "1"
+    job = TaskJob(("h", 1), b"s", "tf", b"", {"TF_USE_LEGACY_KERAS": "0"}, 1.0, False)
+    assert worker_environ(job, spec)["TF_USE_LEGACY_KERAS"] == "0"
+
+
+def test_reserved_port_refuses_other_programs_but_hands_over_to_reuseport():
+    with PortReservation() as reservation:
+        plain = socket.socket()
+        with pytest.raises(OSError):
+            plain.bind(("0.0.0.0", reservation.port))
+        plain.close()
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        server.bind(("0.0.0.0", reservation.port))
+        server.listen()
+        client = socket.create_connection(("127.0.0.1", reservation.port), timeout=5)
+        accepted, _ = server.accept()
+        accepted.close()
+        client.close()
+        server.close()
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="num_proc must be >= 1, got 0"):
+        JobConfig(num_proc=0)
+    with pytest.raises(ConfigError, match="num_proc must be an int"):
+        JobConfig(num_proc=True)
+    with pytest.raises(ConfigError, match="unknown backend 'horovod'"):
+        JobConfig(backend="horovod")
+
+
+def test_config_from_env_rejects_bad_values(monkeypatch):
+    monkeypatch.setenv("RINGTRAIN_KILL_GRACE", "-1")
+    with pytest.raises(ConfigError, match="RINGTRAIN_KILL_GRACE='-1'"):
+        JobConfig.from_env()
+    monkeypatch.setenv("RINGTRAIN_KILL_GRACE", "0.5")
+    monkeypatch.setenv("RINGTRAIN_LEGACY_KERAS", "maybe")
+    with pytest.raises(ConfigError, match="RINGTRAIN_LEGACY_KERAS"):
+        JobConfig.from_env()
+
+
+def test_errors_survive_pickling():
+    failure = Failure(rank=1, host="h", exitcode=None, signal_name="SIGKILL", traceback="")
+    err = pickle.loads(pickle.dumps(WorkerError([failure])))
+    assert err.ranks == [1]
+    assert "rank 1 on h was killed by signal SIGKILL" in str(err)
+    assert err.exitcode == 128 + signal.SIGKILL
+    config_err = pickle.loads(pickle.dumps(ConfigError("bad")))
+    assert isinstance(config_err, ValueError) and str(config_err) == "bad"
