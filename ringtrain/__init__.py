@@ -10,8 +10,20 @@ def train():
 ringtrain.run(train, num_proc=2)
 """
 
-from . import tf
+from . import keras, tf
 from .api import run
+from .collectives import (
+    Average,
+    DistributedGradientTape,
+    Max,
+    Min,
+    Sum,
+    allgather,
+    allreduce,
+    broadcast,
+    broadcast_variables,
+    grouped_allreduce,
+)
 from .context import is_chief, local_rank, local_size, rank, size
 from .errors import (
     BackendError,
@@ -26,6 +38,17 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Average",
+    "DistributedGradientTape",
+    "Max",
+    "Min",
+    "Sum",
+    "allgather",
+    "allreduce",
+    "broadcast",
+    "broadcast_variables",
+    "grouped_allreduce",
+    "keras",
     "BackendError",
     "ChannelError",
     "ConfigError",

@@ -16,14 +16,17 @@ def run(
     fn: Callable[..., Any],
     *args: Any,
     num_proc: int | None = None,
-    backend: str = "tf",
+    backend: str = "auto",
     return_all: bool = False,
     **kwargs: Any,
 ) -> Any:
     """Run ``fn(*args, **kwargs)`` on ``num_proc`` workers of a Spark barrier job.
 
-    Each worker is a fresh Python process with its rank in the environment and,
-    for ``backend="tf"``, a TF_CONFIG for MultiWorkerMirroredStrategy. Returns rank
+    Each worker is a fresh Python process with its rank in the environment and a
+    TF_CONFIG for MultiWorkerMirroredStrategy. ``backend`` is "tf" (the strategy's
+    collectives: NCCL on GPU, RING on CPU), "mpi" (one MPI world for ringtrain's
+    fused collectives) or "auto": tf where GPUs are assigned, mpi on CPU, each
+    falling back to the other if it cannot start. Returns rank
     0's return value, or every rank's in rank order with ``return_all=True``.
     Raises :class:`ringtrain.WorkerError` naming the failing rank(s) if any worker
     fails; every other worker is stopped first.

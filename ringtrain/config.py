@@ -9,7 +9,9 @@ from types import MappingProxyType
 from . import env
 from .errors import ConfigError
 
-BACKENDS = ("tf",)
+# "auto" picks tf (NCCL) where GPUs are assigned and mpi on CPU, falling back to the
+# other when the first cannot start; a named backend never falls back.
+BACKENDS = ("auto", "tf", "mpi")
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,7 @@ class JobConfig:
     """
 
     num_proc: int | None = None
-    backend: str = "tf"
+    backend: str = "auto"
     master: str | None = None
     spark_conf: Mapping[str, str] = field(default_factory=dict)
     worker_env: Mapping[str, str] = field(default_factory=dict)

@@ -33,6 +33,10 @@ class JobTimeoutError(RingtrainError, TimeoutError):
     """The job ran past its timeout; every worker was stopped."""
 
 
+class BackendStartError(BackendError):
+    """A backend could not start on some task; backend "auto" then tries the next one."""
+
+
 class ChannelError(RingtrainError):
     """The control channel between driver and task agents failed."""
 

@@ -7,6 +7,8 @@ started, whatever way the task ends.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import os
 import re
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import rendezvous
+from ..errors import BackendError
 from . import channel
 from .ports import PortReservation
 
@@ -36,6 +39,16 @@ def result_file(workdir: str | Path, rank: int) -> Path:
 
 def error_file(workdir: str | Path, rank: int) -> Path:
     return Path(workdir) / f"error-{rank}.txt"
+
+
+def status_file(workdir: str | Path, rank: int) -> Path:
+    """Where an MPI rank's launcher shim records the rank's exit status."""
+    return Path(workdir) / f"status-{rank}"
+
+
+def output_fifo(workdir: str | Path, rank: int, stream: str) -> Path:
+    """The FIFO an MPI rank writes its stdout or stderr into, read by its task agent."""
+    return Path(workdir) / f"{stream}-{rank}.fifo"
 
 
 # TensorFlow's C++ start-up lines (absl/glog format) at INFO and WARNING level, the
@@ -65,8 +78,40 @@ class TaskJob:
     gpus_per_worker: int = 1
 
 
+class _OutputForwarder:
+    """Sends a worker's output to the driver line by line, minus TF's start-up noise."""
+
+    def __init__(self, rank: int, send: Callable[[tuple], None], show_tf_noise: bool):
+        self._rank = rank
+        self._send = send
+        self._show_tf_noise = show_tf_noise
+        self._readers: list[threading.Thread] = []
+
+    def follow(self, open_pipe: Callable[[], object], stream: str) -> None:
+        thread = threading.Thread(target=self._forward, args=(open_pipe, stream), daemon=True)
+        thread.start()
+        self._readers.append(thread)
+
+    def _forward(self, open_pipe, stream: str) -> None:
+        pipe = open_pipe()
+        for raw in iter(pipe.readline, b""):
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            if stream == "stderr" and not self._show_tf_noise and is_tf_noise(line):
+                continue
+            try:
+                self._send(("log", self._rank, stream, line))
+            except OSError:
+                pass
+        pipe.close()
+
+    def drain(self, timeout: float = 5.0) -> None:
+        """Wait for the readers, so every line is sent before the worker's exit report."""
+        for reader in self._readers:
+            reader.join(timeout)
+
+
 class WorkerProcess:
-    """One worker child: started in its own session, its output forwarded line by line."""
+    """One worker child of the agent (tf backend), in its own session."""
 
     def __init__(
         self,
@@ -77,8 +122,6 @@ class WorkerProcess:
         show_tf_noise: bool,
     ):
         self.spec = spec
-        self._send = send
-        self._show_tf_noise = show_tf_noise
         self.proc = subprocess.Popen(
             argv,
             env=env,
@@ -87,29 +130,12 @@ class WorkerProcess:
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
-        self._readers = [
-            threading.Thread(target=self._forward, args=(self.proc.stdout, "stdout"), daemon=True),
-            threading.Thread(target=self._forward, args=(self.proc.stderr, "stderr"), daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-        self.reported = False
+        self._output = _OutputForwarder(spec.rank, send, show_tf_noise)
+        self._output.follow(lambda: self.proc.stdout, "stdout")
+        self._output.follow(lambda: self.proc.stderr, "stderr")
 
-    def _forward(self, pipe, stream: str) -> None:
-        for raw in iter(pipe.readline, b""):
-            line = raw.decode("utf-8", errors="replace").rstrip("\n")
-            if stream == "stderr" and not self._show_tf_noise and is_tf_noise(line):
-                continue
-            try:
-                self._send(("log", self.spec.rank, stream, line))
-            except OSError:
-                pass
-        pipe.close()
-
-    def drain(self, timeout: float = 5.0) -> None:
-        """Wait for the output readers, so every line is sent before the exit report."""
-        for reader in self._readers:
-            reader.join(timeout)
+    def drain(self) -> None:
+        self._output.drain()
 
     def poll(self) -> int | None:
         return self.proc.poll()
@@ -119,6 +145,50 @@ class WorkerProcess:
             os.killpg(self.proc.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+class MpiRank:
+    """One MPI rank of this task. Hydra's proxy starts it, not the agent, so the rank's
+    launcher shim reports its exit status in a file and its output comes through FIFOs."""
+
+    def __init__(
+        self,
+        spec: rendezvous.WorkerSpec,
+        workdir: str,
+        proxy: subprocess.Popen,
+        send: Callable[[tuple], None],
+        show_tf_noise: bool,
+    ):
+        self.spec = spec
+        self._workdir = workdir
+        self._proxy = proxy
+        self._returncode: int | None = None
+        self._fifos = [output_fifo(workdir, spec.rank, stream) for stream in ("stdout", "stderr")]
+        for fifo in self._fifos:
+            os.mkfifo(fifo)
+        self._output = _OutputForwarder(spec.rank, send, show_tf_noise)
+        for fifo, stream in zip(self._fifos, ("stdout", "stderr"), strict=True):
+            # Opening a FIFO for reading blocks until the rank opens it, so do it in the reader.
+            self._output.follow(lambda fifo=fifo: open(fifo, "rb"), stream)
+
+    def poll(self) -> int | None:
+        if self._returncode is None:
+            status = status_file(self._workdir, self.spec.rank)
+            if status.exists():
+                self._returncode = int(status.read_text())
+            elif self._proxy.poll() is not None:
+                # The proxy is gone and the rank's shim never reported: it was killed.
+                self._returncode = -signal.SIGKILL
+        return self._returncode
+
+    def drain(self) -> None:
+        for fifo in self._fifos:
+            # Unblocks a reader still waiting in open() for a rank that never started.
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+        self._output.drain()
 
 
 def stop_workers(workers: list[WorkerProcess], grace: float) -> None:
@@ -168,38 +238,91 @@ class TaskAgent:
         self.gpus = gpus
         self._all_gather = all_gather
         self._abort = threading.Event()
+        self._cleanups: list[Callable[[], None]] = []
 
     def run(self) -> None:
         conn = channel.connect(self.job.driver, self.job.secret)
-        reservations: list[PortReservation] = []
-        workers: list[WorkerProcess] = []
         workdir = tempfile.mkdtemp(prefix=f"ringtrain-p{self.partition}-")
         try:
             threading.Thread(target=self._listen, args=(conn,), daemon=True).start()
             per_worker = self.job.gpus_per_worker
-            count = rendezvous.workers_per_task(self.gpus, per_worker)
-            reservations = [PortReservation() for _ in range(count)]
+            reservations = [
+                PortReservation() for _ in range(rendezvous.workers_per_task(self.gpus, per_worker))
+            ]
+            self._cleanups.append(lambda: [r.close() for r in reservations])
             offer = rendezvous.TaskOffer(
                 self.partition, conn.local_host(), tuple(r.port for r in reservations), self.gpus, per_worker
             )
             offers = [rendezvous.TaskOffer.from_json(s) for s in self._all_gather(offer.to_json())]
             specs = [s for s in rendezvous.plan(offers) if s.partition == self.partition]
             Path(workdir, PAYLOAD_FILE).write_bytes(self.job.payload)
-            argv = [sys.executable, "-m", "ringtrain.worker", workdir]
-            for spec in specs:
-                env = worker_environ(self.job, spec)
-                workers.append(WorkerProcess(spec, argv, env, conn.send, self.job.show_tf_noise))
-            self._supervise(workers, conn, workdir)
+            if self.job.backend == "mpi":
+                workers = self._start_mpi(specs, offers, conn, workdir)
+            elif importlib.util.find_spec("tensorflow") is None:
+                conn.send(
+                    ("backend_failed", self.partition, f"tensorflow is not installed for {sys.executable}")
+                )
+                workers = []
+            else:
+                workers = self._start_processes(specs, conn, workdir)
+            if workers:
+                self._supervise(workers, conn, workdir)
         finally:
-            stop_workers(workers, self.job.kill_grace)
-            for r in reservations:
-                r.close()
+            # Last registered, first undone: workers stop before their ports are released.
+            for cleanup in reversed(self._cleanups):
+                cleanup()
             shutil.rmtree(workdir, ignore_errors=True)
             try:
                 conn.send(("done", self.partition))
             except OSError:
                 pass
             conn.close()
+
+    def _start_processes(self, specs, conn: channel.Connection, workdir: str) -> list[WorkerProcess]:
+        argv = [sys.executable, "-m", "ringtrain.worker", workdir]
+        workers: list[WorkerProcess] = []
+        self._cleanups.append(lambda: stop_workers(workers, self.job.kill_grace))
+        for spec in specs:
+            env = worker_environ(self.job, spec)
+            workers.append(WorkerProcess(spec, argv, env, conn.send, self.job.show_tf_noise))
+        return workers
+
+    def _start_mpi(self, specs, offers, conn: channel.Connection, workdir: str) -> list[MpiRank]:
+        """Form the MPI world: partition 0 runs mpiexec, every task runs its own Hydra proxy."""
+        from ..backends import _hydra
+
+        ordered = sorted(offers, key=lambda o: o.partition)
+        index = [o.partition for o in ordered].index(self.partition)
+        launch_info = ""
+        if index == 0:
+            try:
+                cmd = _hydra.build_mpiexec_command(
+                    [o.num_workers for o in ordered],
+                    [sys.executable, "-m", "ringtrain.worker"],
+                    control_host=conn.local_host(),
+                )
+                launch = _hydra.start_mpiexec(cmd, on_line=lambda line: logger.info("mpiexec: %s", line))
+                self._cleanups.append(lambda: launch.terminate(self.job.kill_grace))
+                launch_info = json.dumps({"proxies": launch.proxies})
+            except BackendError as err:
+                launch_info = json.dumps({"error": str(err)})
+        # Second round: everyone learns partition 0's proxy commands, or why there are none.
+        info = json.loads(self._all_gather(launch_info)[0])
+        if "error" in info:
+            conn.send(("backend_failed", self.partition, info["error"]))
+            return []
+        env = worker_environ(self.job, specs[0])
+        env.update(
+            RINGTRAIN_WORKDIR=workdir,
+            # Hydra starts every local rank with this one environment; each rank's shim
+            # picks its own placement from this table by PMI_RANK.
+            RINGTRAIN_LOCAL_ENVS=json.dumps({str(s.rank): s.environ() for s in specs}),
+            RINGTRAIN_PARENT_PID="0",
+        )
+        proxy = _hydra.start_proxy(info["proxies"][index], env=env)
+        ranks = [MpiRank(spec, workdir, proxy, conn.send, self.job.show_tf_noise) for spec in specs]
+        self._cleanups.append(lambda: _hydra.terminate_group(proxy, self.job.kill_grace))
+        return ranks
 
     def _listen(self, conn: channel.Connection) -> None:
         """Any message from the driver is an abort; so is losing the driver."""
@@ -210,7 +333,7 @@ class TaskAgent:
             pass
         self._abort.set()
 
-    def _supervise(self, workers: list[WorkerProcess], conn: channel.Connection, workdir: str) -> None:
+    def _supervise(self, workers: list, conn: channel.Connection, workdir: str) -> None:
         pending = list(workers)
         while pending:
             if self._abort.wait(0.05):
@@ -219,14 +342,14 @@ class TaskAgent:
                 pending.remove(w)
                 w.drain()
                 conn.send(self._report(w, workdir))
-                if w.proc.returncode != 0:
+                if w.poll() != 0:
                     # The job is failing: stop this task's other workers now rather
                     # than leave them waiting in a collective for the driver's abort.
                     return
 
     @staticmethod
-    def _report(w: WorkerProcess, workdir: str) -> tuple:
-        rank, code = w.spec.rank, w.proc.returncode
+    def _report(w: WorkerProcess | MpiRank, workdir: str) -> tuple:
+        rank, code = w.spec.rank, w.poll()
         if code == 0:
             path = result_file(workdir, rank)
             return ("result", rank, path.read_bytes() if path.exists() else None)

@@ -8,11 +8,20 @@ import re
 import secrets
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 from typing import TextIO
 
+from .. import backends
 from ..config import JobConfig
-from ..errors import ChannelError, Failure, JobTimeoutError, RingtrainError, WorkerError
+from ..errors import (
+    BackendStartError,
+    ChannelError,
+    Failure,
+    JobTimeoutError,
+    RingtrainError,
+    WorkerError,
+)
 from . import spark
 from .agent import TaskJob, run_barrier_task
 from .channel import ChannelServer
@@ -33,10 +42,28 @@ class LogPrinter:
 
 
 def launch(config: JobConfig, payload: bytes, printer: LogPrinter | None = None) -> dict[int, bytes | None]:
-    """Run ``payload`` (a pickled worker task) on every worker; return pickled results by rank."""
+    """Run ``payload`` (a pickled worker task) on every worker; return pickled results by rank.
+
+    With backend "auto", a backend that cannot start gives way to the next candidate,
+    and the reason is logged; a named backend's failure is raised as it is.
+    """
     session = spark.get_session(config)
     sc = session.sparkContext
     layout = spark.preflight(sc, config)
+    tried = backends.candidates(config.backend, layout.uses_gpus, backends.mpi_installed())
+    for attempt, backend in enumerate(tried):
+        try:
+            return _launch_once(sc, layout, replace(config, backend=backend), payload, printer)
+        except BackendStartError as err:
+            if attempt + 1 == len(tried):
+                raise
+            logger.warning(
+                "backend %r could not start (%s); falling back to %r", backend, err, tried[attempt + 1]
+            )
+    raise AssertionError("unreachable: candidates() is never empty")
+
+
+def _launch_once(sc, layout: spark.Layout, config: JobConfig, payload: bytes, printer: LogPrinter | None):
     driver_host = sc.getConf().get("spark.driver.host") or "127.0.0.1"
     secret = secrets.token_bytes(32)
     with ChannelServer(secret) as server:
@@ -82,13 +109,17 @@ class _Supervisor:
         self.results: dict[int, bytes | None] = {}
         self.failures: list[Failure] = []
         self.done_tasks: set[int] = set()
+        self.backend_failure: str | None = None
 
     def run(self) -> dict[int, bytes | None]:
         try:
             self._wait(
-                lambda: len(self.results) == self.layout.num_proc or self.failures,
+                lambda: len(self.results) == self.layout.num_proc or self.failures or self.backend_failure,
                 timeout=self.config.timeout,
             )
+            if self.backend_failure:
+                self._stop("the backend could not start")
+                raise BackendStartError(f"backend {self.config.backend!r}: {self.backend_failure}")
             if not self.failures and len(self.results) < self.layout.num_proc:
                 running = sorted(set(range(self.layout.num_proc)) - set(self.results))
                 self._stop("the job timed out")
@@ -99,17 +130,21 @@ class _Supervisor:
                 )
             if self.failures:
                 self._stop("a worker failed")
-                raise WorkerError(self.failures)
+                raise WorkerError(self._ordered_failures())
             # Agents finish right after their last report; the Spark job ends with them.
             self._wait(lambda: self.barrier.done(), timeout=self.config.abort_wait)
             return self.results
         except BaseException:
-            if not self.failures:
+            if not (self.failures or self.backend_failure):
                 self._stop("the driver is stopping the job")
             raise
         finally:
             self.barrier.cancel()
             self.barrier.join(self.config.abort_wait)
+
+    def _ordered_failures(self) -> list[Failure]:
+        """First the failures that explain themselves (a traceback), then the rest, by arrival."""
+        return sorted(self.failures, key=lambda f: 0 if f.traceback else 1)
 
     def _stop(self, reason: str) -> None:
         """Abort every agent and wait, briefly, for them to confirm their workers are gone."""
@@ -158,12 +193,14 @@ class _Supervisor:
             self.failures.append(Failure(*message[1:]))
         elif kind == "done":
             self.done_tasks.add(message[1])
+        elif kind == "backend_failed":
+            self.backend_failure = self.backend_failure or f"partition {message[1]}: {message[2]}"
         else:
             logger.warning("ignoring an unknown control message %r", kind)
 
     def _job_ended_early(self) -> RingtrainError:
         if self.failures:
-            return WorkerError(self.failures)
+            return WorkerError(self._ordered_failures())
         err = self.barrier.error
         if err is None:
             return ChannelError(

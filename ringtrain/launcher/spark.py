@@ -62,6 +62,7 @@ class Layout:
 
     num_tasks: int
     workers_per_task: int
+    uses_gpus: bool = False
 
     @property
     def num_proc(self) -> int:
@@ -90,7 +91,7 @@ def layout_for(num_proc: int | None, slots: int, per_task: int, gpus_per_worker:
     if num_proc is None:
         if slots < 1:
             raise ResourceError("the Spark cluster has no free task slots; start executors, then retry")
-        return Layout(slots, per_worker)
+        return Layout(slots, per_worker, bool(per_task))
     if per_task:
         if num_proc % per_worker:
             raise ConfigError(
@@ -103,7 +104,7 @@ def layout_for(num_proc: int | None, slots: int, per_task: int, gpus_per_worker:
                 f"{slots} task slot(s) with {per_task} GPU(s) each ({slots * per_task} GPUs); lower "
                 "num_proc or add GPUs"
             )
-        return Layout(num_proc // per_worker, per_worker)
+        return Layout(num_proc // per_worker, per_worker, True)
     if num_proc > slots:
         raise ResourceError(
             f"num_proc={num_proc} needs {num_proc} barrier task slots, but the cluster has {slots}; "

@@ -7,6 +7,7 @@ it, and leaves the return value or the traceback there for the agent.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import sys
@@ -65,7 +66,67 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def main(workdir: str) -> int:
+def become_mpi_rank() -> str:
+    """Shim for a rank started by a Hydra proxy; returns the workdir in the rank itself.
+
+    Hydra gives all of a task's ranks one environment, and keeps their exit status and
+    output from the task agent. So the process the proxy starts takes its own placement
+    from RINGTRAIN_LOCAL_ENVS, routes output into the agent's FIFOs, and forks: the child
+    carries on as the MPI rank (it inherits the PMI connection), while this parent waits
+    and writes the child's exact exit status, signals included, for the agent.
+    """
+    from ..launcher.agent import output_fifo, status_file
+
+    rank = int(os.environ["PMI_RANK"])
+    placement = json.loads(os.environ.pop("RINGTRAIN_LOCAL_ENVS"))[str(rank)]
+    os.environ.update(placement)
+    workdir = os.environ["RINGTRAIN_WORKDIR"]
+    for fd, stream in ((1, "stdout"), (2, "stderr")):
+        fifo = os.open(output_fifo(workdir, rank, stream), os.O_WRONLY)
+        os.dup2(fifo, fd)
+        os.close(fifo)
+    die_with_parent()  # the proxy
+    os.environ["RINGTRAIN_PARENT_PID"] = str(os.getpid())
+    child = os.fork()
+    if child == 0:
+        return workdir
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(devnull, fd)  # so the FIFOs reach EOF when the rank exits
+    while True:
+        try:
+            _, status = os.waitpid(child, 0)
+            break
+        except InterruptedError:
+            continue
+    code = os.waitstatus_to_exitcode(status)
+    _write_atomic(status_file(workdir, rank), str(code).encode())
+    os._exit(code if code >= 0 else 128 - code)
+
+
+def _join_backend() -> None:
+    """Set up what the backend needs before user code runs."""
+    if os.environ.get("RINGTRAIN_BACKEND") == "mpi":
+        from ..backends.mpi import world
+
+        world()  # joins COMM_WORLD now, and checks it matches RANK/SIZE
+
+
+def _leave_backend() -> None:
+    """Finalize MPI after a clean run, so Hydra sees an orderly exit."""
+    if os.environ.get("RINGTRAIN_BACKEND") == "mpi":
+        from ..backends.mpi import mpi_module
+
+        MPI = mpi_module()
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.Finalize()
+
+
+def main(workdir: str | None = None) -> int:
+    if "RINGTRAIN_LOCAL_ENVS" in os.environ:
+        workdir = become_mpi_rank()
+    if workdir is None:
+        sys.exit("usage: python -m ringtrain.worker WORKDIR (started by a ringtrain task agent)")
     import cloudpickle
 
     from ..launcher.agent import PAYLOAD_FILE, error_file, result_file
@@ -74,9 +135,11 @@ def main(workdir: str) -> int:
     rank = int(os.environ["RANK"])
     code = 0
     try:
+        _join_backend()
         task = cloudpickle.loads(Path(workdir, PAYLOAD_FILE).read_bytes())
         result = task()
         _write_atomic(result_file(workdir, rank), cloudpickle.dumps(result))
+        _leave_backend()
     except SystemExit as stop:
         if stop.code not in (0, None):
             code = stop.code if isinstance(stop.code, int) else 1

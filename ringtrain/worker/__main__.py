@@ -3,6 +3,4 @@ import sys
 from . import main
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m ringtrain.worker WORKDIR (started by a ringtrain task agent)")
-    main(sys.argv[1])
+    main(sys.argv[1] if len(sys.argv) > 1 else None)

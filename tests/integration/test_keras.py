@@ -111,3 +111,47 @@ def test_keras3_custom_loop_keeps_ranks_identical():
     results = ringtrain.run(_keras3_custom_loop, num_proc=2, return_all=True)
     assert results[0]["keras"].startswith("3."), results[0]["keras"]
     _assert_trained_in_lockstep(results)
+
+
+def _keras3_fit_on_mpi():
+    import keras
+
+    import ringtrain.keras as rk
+
+    x, y = _data(ringtrain.rank())
+    keras.utils.set_random_seed(ringtrain.rank())  # only the broadcast makes ranks agree
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(1, activation="sigmoid"),
+        ]
+    )
+    model.compile(
+        optimizer=rk.DistributedOptimizer(keras.optimizers.SGD(0.1)),
+        loss="binary_crossentropy",
+        jit_compile=False,
+    )
+    model.build((None, 8))
+    initial = [w.copy() for w in model.get_weights()]
+    history = model.fit(
+        x,
+        y,
+        batch_size=32,
+        epochs=2,
+        verbose=0,
+        callbacks=[rk.BroadcastGlobalVariablesCallback(0), rk.MetricAverageCallback()],
+    )
+    return {
+        "keras": keras.__version__,
+        "initial": initial,
+        "final": model.get_weights(),
+        "loss": history.history["loss"],
+    }
+
+
+def test_keras3_model_fit_on_mpi_backend_keeps_ranks_identical():
+    results = ringtrain.run(_keras3_fit_on_mpi, num_proc=2, backend="mpi", return_all=True)
+    assert results[0]["keras"].startswith("3."), results[0]["keras"]
+    # Rank 0's initial weights are the broadcast ones; training must have moved them.
+    _assert_trained_in_lockstep(results)

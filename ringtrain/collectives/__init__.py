@@ -1,0 +1,171 @@
+"""Horovod-style collectives over MPI: allreduce, allgather, broadcast, DistributedGradientTape.
+
+Run inside a ringtrain worker with ``backend="mpi"`` or under ``mpiexec -n N``.
+Every rank must call the same collectives in the same order with tensors of the
+same shapes and dtypes; a mismatch raises :class:`ringtrain.BackendError` on every
+rank, naming the ranks. Inputs are numpy arrays or TensorFlow tensors of float32,
+float64, float16, bfloat16, int32 or int64; results come back as the same kind and
+dtype. Reductions go through fused buckets (:mod:`ringtrain.fusion`), one MPI call
+per bucket.
+
+Numeric semantics:
+
+* ``Average`` on integers is floor division of the sum by the world size
+  (``sum // size``), as :func:`ringtrain.fusion.unpack` documents.
+* float16/bfloat16 are summed in float32 (MPI has no half types), scaled in
+  float32 and rounded once back, so an fp16 allreduce is as exact as its rounding.
+* ``compression="fp16"``/``"bf16"`` (gradient tape, optimizer) sends float32
+  buckets as 16-bit floats and sums them with a user-defined MPI op.
+
+Example (``mpiexec -n 2 python train.py``)::
+
+    import numpy as np, ringtrain
+    total = ringtrain.allreduce(np.ones(3, np.float32), op=ringtrain.Sum)  # [2., 2., 2.]
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ringtrain.errors import ConfigError
+
+from . import _engine
+from ._convert import NUMPY, from_numpy, to_numpy
+from ._ops import Average, Max, Min, ReduceOp, Sum
+from ._tf import reduce_gradients
+
+__all__ = [
+    "Average",
+    "DistributedGradientTape",
+    "Max",
+    "Min",
+    "ReduceOp",
+    "Sum",
+    "allgather",
+    "allreduce",
+    "broadcast",
+    "broadcast_variables",
+    "call_counts",
+    "grouped_allreduce",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _what(base: str, name: str | None) -> str:
+    return f"{base}({name})" if name else base
+
+
+def allreduce(tensor: Any, op: ReduceOp = Average, name: str | None = None) -> Any:
+    """Reduce ``tensor`` across all ranks with ``op``; every rank gets the result.
+
+    >>> ringtrain.allreduce(np.array([1.0, 2.0], np.float32))  # mean over ranks
+    """
+    array, kind = to_numpy(tensor, "allreduce")
+    (result,) = _engine.fused_allreduce([array], op, _what("allreduce", name))
+    return from_numpy(result, kind)
+
+
+def grouped_allreduce(tensors: Sequence[Any], op: ReduceOp = Average, name: str | None = None) -> list[Any]:
+    """Allreduce many tensors at once: fused into buckets, one MPI call per bucket.
+
+    Bucket size is ``RINGTRAIN_FUSION_THRESHOLD`` (default 128 MiB); tensors of one
+    dtype share buckets. Results keep the input order, kinds and dtypes.
+    """
+    what = _what("grouped_allreduce", name)
+    converted = [to_numpy(t, what) for t in tensors]
+    results = _engine.fused_allreduce([a for a, _ in converted], op, what)
+    return [from_numpy(r, k) for r, (_, k) in zip(results, converted, strict=True)]
+
+
+def allgather(tensor: Any, name: str | None = None) -> Any:
+    """Concatenate every rank's ``tensor`` along axis 0, in rank order.
+
+    First dimensions may differ across ranks; the other dimensions and the dtype must not.
+    """
+    array, kind = to_numpy(tensor, "allgather")
+    return from_numpy(_engine.allgather(array, _what("allgather", name)), kind)
+
+
+def broadcast(tensor: Any, root_rank: int = 0, name: str | None = None) -> Any:
+    """Return ``root_rank``'s ``tensor`` on every rank (shapes and dtypes must agree)."""
+    array, kind = to_numpy(tensor, "broadcast")
+    (result,) = _engine.broadcast([array], root_rank, _what("broadcast", name))
+    return from_numpy(result, kind)
+
+
+def broadcast_variables(variables: Sequence[Any], root_rank: int = 0) -> None:
+    """Overwrite ``variables`` in place with ``root_rank``'s values (fused, one Bcast per bucket).
+
+    Takes tf.Variables, Keras variables (anything with ``assign``) or writable numpy arrays.
+    Call it once after the model and optimizer are built, so every rank starts alike.
+    """
+    variables = list(variables)
+    converted = [to_numpy(v, "broadcast_variables") for v in variables]
+    results = _engine.broadcast([a for a, _ in converted], root_rank, "broadcast_variables")
+    for var, (_, kind), value in zip(variables, converted, results, strict=True):
+        if kind == NUMPY:
+            if not isinstance(var, np.ndarray):
+                raise ConfigError(
+                    f"broadcast_variables cannot assign to a {type(var).__name__}; pass variables or arrays"
+                )
+            np.copyto(var, value)
+        else:
+            var.assign(value)
+
+
+def call_counts() -> dict[str, int]:
+    """MPI calls this process has made, by MPI function (``Allreduce``, ``Bcast``...).
+
+    ``Allgather`` counts the cross-rank signature checks; the rest carry tensor data.
+    """
+    return dict(_engine.CALLS)
+
+
+class DistributedGradientTape:
+    """Wraps a ``tf.GradientTape`` so ``gradient()`` returns gradients allreduced across ranks.
+
+    Gradients go through the fused path (one MPI call per bucket). ``None`` gradients
+    stay ``None``; ``tf.IndexedSlices`` are made dense. Eagerly it calls MPI directly;
+    inside ``tf.function`` it inserts one ``tf.numpy_function``, so it cannot run under
+    XLA (``jit_compile=True``) or on TPUs, and the graph cannot be saved with it.
+
+    Example::
+
+        with tf.GradientTape() as tape:
+            loss = loss_fn(model(x), y)
+        tape = ringtrain.DistributedGradientTape(tape)
+        grads = tape.gradient(loss, model.trainable_variables)
+    """
+
+    def __init__(self, tape: Any, op: ReduceOp = Average, compression: str | None = None) -> None:
+        if not isinstance(op, ReduceOp):
+            raise ConfigError(f"op must be ringtrain.Average, Sum, Min or Max, got {op!r}")
+        if compression not in (None, "fp16", "bf16"):
+            raise ConfigError(f"compression={compression!r} is not supported; use None, 'fp16' or 'bf16'")
+        self._tape = tape
+        self._op = op
+        self._compression = compression
+
+    def gradient(self, target: Any, sources: Any, output_gradients: Any = None, **kwargs: Any) -> Any:
+        """Like ``tf.GradientTape.gradient``, then allreduced; same structure as ``sources``."""
+        import tensorflow as tf
+
+        grads = self._tape.gradient(target, sources, output_gradients=output_gradients, **kwargs)
+        flat = tf.nest.flatten(grads, expand_composites=False)
+        reduced = reduce_gradients(flat, self._op, self._compression, "DistributedGradientTape")
+        return tf.nest.pack_sequence_as(grads, reduced)
+
+    def __getattr__(self, name: str) -> Any:  # watch(), stop_recording(), ... go to the tape
+        return getattr(self._tape, name)
+
+    def __enter__(self) -> DistributedGradientTape:
+        self._tape.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._tape.__exit__(*exc)

@@ -1,0 +1,187 @@
+"""Keras glue for data-parallel ``model.fit`` over ringtrain's MPI collectives.
+
+* :func:`DistributedOptimizer` averages gradients across ranks inside the optimizer step.
+* ``BroadcastGlobalVariablesCallback`` makes every rank start from rank 0's weights
+  and optimizer state.
+* ``MetricAverageCallback`` averages the epoch-end logs across ranks.
+
+Works with Keras 3 (``import keras``) and tf-keras (``TF_USE_LEGACY_KERAS=1``,
+``tf.keras``). Limits: the train step is a ``tf.function`` and the optimizer calls MPI
+through one ``tf.numpy_function`` per step, so compile with ``jit_compile=False``
+(Keras 3 picks XLA by itself only on GPU hosts); ``run_eagerly=True`` also works.
+Only the TensorFlow backend of Keras 3 is supported.
+
+Example (``mpiexec -n 2 python train.py``)::
+
+    import keras, ringtrain
+    model.compile(optimizer=ringtrain.keras.DistributedOptimizer(keras.optimizers.Adam(1e-3)),
+                  loss="mse", jit_compile=False)
+    model.fit(x, y, callbacks=[ringtrain.keras.BroadcastGlobalVariablesCallback(0),
+                               ringtrain.keras.MetricAverageCallback()])
+
+Importing this module imports neither Keras nor TensorFlow; the callback classes are
+built on first use (set CUDA_VISIBLE_DEVICES before that).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from ringtrain.collectives import Average, ReduceOp, broadcast_variables, grouped_allreduce
+from ringtrain.collectives._tf import reduce_gradients
+from ringtrain.errors import ConfigError
+
+__all__ = ["BroadcastGlobalVariablesCallback", "DistributedOptimizer", "MetricAverageCallback"]
+
+logger = logging.getLogger(__name__)
+
+
+def _is_keras3_optimizer(optimizer: Any) -> bool:
+    keras = sys.modules.get("keras")
+    base = getattr(getattr(keras, "optimizers", None), "Optimizer", None)
+    return base is not None and isinstance(optimizer, base) and hasattr(optimizer, "apply")
+
+
+def _check_no_xla() -> None:
+    """numpy_function cannot be compiled by XLA; say so instead of TF's long error."""
+    try:
+        from tensorflow.python.framework import ops
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - private TF modules moved: skip the early check
+        return
+    if control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph()):
+        raise ConfigError(
+            "ringtrain.keras.DistributedOptimizer cannot run under XLA: compile the model with "
+            "jit_compile=False (Keras 3 turns XLA on by itself on GPU hosts)"
+        )
+
+
+def DistributedOptimizer(optimizer: Any, op: ReduceOp = Average, compression: str | None = None) -> Any:  # noqa: N802
+    """Return a copy of ``optimizer`` whose updates use gradients allreduced across ranks.
+
+    The copy is an instance of a subclass of the optimizer's own class, built from its
+    config. Keras 3: ``apply``/``apply_gradients`` are wrapped; tf-keras:
+    ``apply_gradients``. Gradients go through one fused allreduce per step (one MPI
+    call per bucket), in the order the optimizer receives them, which Keras keeps
+    identical on every rank. ``compression="fp16"``/``"bf16"`` halves the bytes sent.
+    """
+    if not isinstance(op, ReduceOp):
+        raise ConfigError(f"op must be ringtrain.Average, Sum, Min or Max, got {op!r}")
+    if compression not in (None, "fp16", "bf16"):
+        raise ConfigError(f"compression={compression!r} is not supported; use None, 'fp16' or 'bf16'")
+    base = type(optimizer)
+    if getattr(base, "_ringtrain_distributed", False):
+        return optimizer
+
+    def reduce(grads: list[Any]) -> list[Any]:
+        _check_no_xla()
+        return reduce_gradients(grads, op, compression, "DistributedOptimizer")
+
+    if _is_keras3_optimizer(optimizer):
+
+        def apply(self: Any, grads: Any, trainable_variables: Any = None) -> Any:
+            # apply_gradients() calls apply(), so this one override covers both.
+            return base.apply(self, reduce(list(grads)), trainable_variables)
+
+        methods = {"apply": apply}
+    else:  # tf-keras (TF_USE_LEGACY_KERAS=1) optimizers funnel updates through apply_gradients
+
+        def apply_gradients(self: Any, grads_and_vars: Any, *args: Any, **kwargs: Any) -> Any:
+            pairs = list(grads_and_vars)
+            grads = reduce([g for g, _ in pairs])
+            return base.apply_gradients(
+                self, list(zip(grads, [v for _, v in pairs], strict=True)), *args, **kwargs
+            )
+
+        methods = {"apply_gradients": apply_gradients}
+    methods["_ringtrain_distributed"] = True
+    cls = type(base.__name__, (base,), methods)
+    return cls.from_config(optimizer.get_config())
+
+
+def _variables(optimizer: Any) -> list[Any]:
+    found = optimizer.variables
+    return list(found() if callable(found) else found)
+
+
+class _BroadcastMixin:
+    """Broadcasts model weights and optimizer state from ``root_rank`` at the start of training."""
+
+    def __init__(self, root_rank: int = 0) -> None:
+        super().__init__()
+        self.root_rank = root_rank
+        self._done = False
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        if self._done:
+            return
+        model = self.model
+        optimizer = getattr(model, "optimizer", None)
+        variables = list(model.variables)
+        if optimizer is not None:
+            # Optimizer state must exist before it can be broadcast; Keras builds it lazily.
+            if not getattr(optimizer, "built", True) or not _variables(optimizer):
+                optimizer.build(model.trainable_variables)
+            variables += _variables(optimizer)
+        broadcast_variables(variables, root_rank=self.root_rank)
+        logger.debug("broadcast %d variables from rank %d", len(variables), self.root_rank)
+        self._done = True
+
+
+class _MetricAverageMixin:
+    """Averages the numeric epoch-end logs across ranks (keys sorted, so every rank agrees)."""
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        if not logs:
+            return
+        import numpy as np
+
+        keys = sorted(k for k, v in logs.items() if np.ndim(v) == 0 and np.isreal(v))
+        values = [np.asarray(float(logs[k]), dtype=np.float64) for k in keys]
+        for key, value in zip(keys, grouped_allreduce(values, op=Average, name="MetricAverage"), strict=True):
+            logs[key] = float(value)
+
+
+# Hooks tf-keras' CallbackList asks for; Keras 3 ignores them. One class then serves both.
+def _no_batch_hooks(self: Any) -> bool:
+    return False
+
+
+_LEGACY_HOOKS = {
+    "_implements_train_batch_hooks": _no_batch_hooks,
+    "_implements_test_batch_hooks": _no_batch_hooks,
+    "_implements_predict_batch_hooks": _no_batch_hooks,
+}
+
+_DOCS = {
+    "BroadcastGlobalVariablesCallback": (
+        _BroadcastMixin,
+        "Callback: at train begin, broadcast model variables and optimizer state from ``root_rank``.\n\n"
+        "Builds the optimizer first if Keras has not yet. Use with DistributedOptimizer so every\n"
+        "rank starts from the same weights, whatever its seed.",
+    ),
+    "MetricAverageCallback": (
+        _MetricAverageMixin,
+        "Callback: average numeric epoch-end logs (loss, metrics) across ranks.\n\n"
+        "List it before callbacks that read the logs (checkpointing, early stopping).",
+    ),
+}
+_classes: dict[str, type] = {}
+
+
+def _build(name: str) -> type:
+    import keras  # Keras 3; its Callback base works in tf-keras fits too, given _LEGACY_HOOKS
+
+    mixin, doc = _DOCS[name]
+    attrs = dict(_LEGACY_HOOKS, __doc__=doc, __module__=__name__)
+    return type(name, (mixin, keras.callbacks.Callback), attrs)
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: build the Keras classes only when asked for
+    if name in _DOCS:
+        if name not in _classes:
+            _classes[name] = _build(name)
+        return _classes[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

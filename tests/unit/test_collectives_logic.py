@@ -1,0 +1,182 @@
+"""Pure logic of the collectives: signatures, mismatch messages, dtypes, context fallback. No MPI."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from ringtrain import context
+from ringtrain.backends import mpi as mpi_backend
+from ringtrain.collectives import _convert, _engine
+from ringtrain.collectives._ops import Average, Max, Sum, op_name
+from ringtrain.collectives._signature import Call, mismatch_message, signature, spec_of
+from ringtrain.errors import BackendError, ConfigError, RingtrainError
+
+
+def call(*specs, what="allreduce", op="Average", **kw):
+    return Call(what, op, tuple(specs), **kw)
+
+
+def test_signature_is_stable_int64_and_sensitive():
+    a = call(((4,), "float32"))
+    assert signature(a) == signature(call(((4,), "float32")))
+    assert 0 <= signature(a) < 2**63
+    assert signature(a) != signature(call(((3,), "float32")))
+    assert signature(a) != signature(call(((4,), "float64")))
+    assert signature(a) != signature(call(((4,), "float32"), op="Sum"))
+    assert signature(a) != signature(call(((4,), "float32"), ((1,), "int32")))
+
+
+def test_allgather_signature_ignores_first_dimension_only():
+    one = call(((2, 3), "int32"), what="allgather", free_first_dim=True)
+    assert signature(one) == signature(call(((5, 3), "int32"), what="allgather", free_first_dim=True))
+    assert signature(one) != signature(call(((2, 4), "int32"), what="allgather", free_first_dim=True))
+
+
+def test_message_names_ranks_shapes_and_dtypes():
+    msg = mismatch_message([call(((4,), "float32")), call(((3,), "float32"))], me=1)
+    assert msg.startswith("allreduce: rank 1 has shape (3,) float32 but rank 0 has (4,) float32")
+    assert "raised on rank 1" in msg
+
+
+@pytest.mark.parametrize(
+    ("other", "text"),
+    [
+        (call(((4,), "float32"), op="Sum"), "rank 1 uses op Sum but rank 0 uses Average"),
+        (call(((4,), "float32"), ((1,), "int32")), "rank 1 passes 2 tensors but rank 0 passes 1"),
+        (call(((4,), "float32"), root=1), "root_rank=1"),
+        (call(((4,), "float32"), what="broadcast"), "rank 1 called broadcast but rank 0 called allreduce"),
+    ],
+)
+def test_message_for_each_kind_of_difference(other, text):
+    assert text in mismatch_message([call(((4,), "float32")), other], me=0)
+
+
+def test_grouped_message_names_the_tensor_and_every_differing_rank():
+    ref = call(((2,), "float32"), ((3,), "int64"), what="grouped_allreduce")
+    bad = call(((2,), "float32"), ((3,), "int32"), what="grouped_allreduce")
+    msg = mismatch_message([ref, ref, bad, bad], me=3)
+    assert "tensor 1: rank 2 has shape (3,) int32 but rank 0 has (3,) int64" in msg
+    assert "rank 3 has" in msg and "rank 1" not in msg
+
+
+def test_message_is_capped_for_many_ranks():
+    ref, bad = call(((2,), "float32")), call(((1,), "float32"))
+    msg = mismatch_message([ref] + [bad] * 10, me=0, limit=4)
+    assert "6 more rank(s) differ" in msg
+
+
+def test_spec_of_names_bfloat16():
+    assert spec_of(np.zeros((2, 1), ml_dtypes.bfloat16)) == ((2, 1), "bfloat16")
+
+
+def test_op_names_for_signature():
+    assert (op_name(Average), op_name(Sum), op_name(Max)) == ("Average", "Sum", "Max")
+    assert op_name("sum").startswith("invalid:")
+
+
+def test_to_numpy_passes_numpy_through_and_rejects_other_objects():
+    a = np.arange(3)
+    got, kind = _convert.to_numpy(a, "allreduce")
+    assert got is a and kind == _convert.NUMPY
+    assert _convert.to_numpy(np.float32(2), "x")[0].shape == ()
+    with pytest.raises(ConfigError, match="takes numpy arrays or TensorFlow tensors"):
+        _convert.to_numpy(object(), "allreduce")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16", "int32", "int64"])
+def test_reducible_dtypes(dtype):
+    _convert.check_reducible(dtype, "allreduce")
+
+
+def test_unreducible_dtype_is_a_config_error():
+    with pytest.raises(ConfigError, match="cannot reduce bool tensors"):
+        _convert.check_reducible("bool", "allreduce")
+
+
+def test_pool_reuses_buffers_and_grows():
+    pool = _engine._Pool()
+    first = pool.get("pack", np.dtype(np.float32), 10)
+    again = pool.get("pack", np.dtype(np.float32), 8)
+    assert np.shares_memory(first, again) and again.size == 8
+    bigger = pool.get("pack", np.dtype(np.float32), 20)
+    assert bigger.size == 20 and not np.shares_memory(first, bigger)
+    assert not np.shares_memory(bigger, pool.get("widen", np.dtype(np.float32), 20))
+
+
+# ------------------------------------------------------------ context fallback
+
+
+def _clear(monkeypatch):
+    for name in (
+        "RANK",
+        "SIZE",
+        "LOCAL_RANK",
+        "LOCAL_SIZE",
+        "PMI_RANK",
+        "PMI_SIZE",
+        "MPI_LOCALRANKID",
+        "MPI_LOCALNRANKS",
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_context_falls_back_to_hydra_pmi_env(monkeypatch):
+    _clear(monkeypatch)
+    for k, v in {"PMI_RANK": "1", "PMI_SIZE": "3", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}.items():
+        monkeypatch.setenv(k, v)
+    assert (context.rank(), context.size(), context.local_rank(), context.local_size()) == (1, 3, 1, 2)
+
+
+def test_context_prefers_ringtrain_env(monkeypatch):
+    _clear(monkeypatch)
+    monkeypatch.setenv("PMI_RANK", "1")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("PMI_SIZE", "2")
+    assert context.rank() == 0
+    with pytest.raises(RingtrainError):  # RANK set: never mix in MPI's numbering
+        context.size()
+
+
+def test_context_error_outside_any_job(monkeypatch):
+    _clear(monkeypatch)
+    with pytest.raises(RingtrainError, match="RANK is not set.*mpiexec"):
+        context.rank()
+
+
+# ------------------------------------------------------------ backend errors
+
+
+def test_missing_mpi4py_is_a_backend_error(monkeypatch):
+    monkeypatch.setattr(mpi_backend, "_MPI", None)
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # makes `from mpi4py import MPI` fail
+    with pytest.raises(BackendError, match="pip install mpi4py mpich"):
+        mpi_backend.mpi_module()
+
+
+def test_world_size_disagreeing_with_size_env(monkeypatch):
+    comm = types.SimpleNamespace(Get_size=lambda: 1, Get_rank=lambda: 0)
+    fake = types.SimpleNamespace(COMM_WORLD=comm, Get_library_version=lambda: "fake")
+    monkeypatch.setattr(mpi_backend, "_MPI", fake)
+    monkeypatch.setattr(mpi_backend, "_WORLD", None)
+    monkeypatch.setenv("SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(BackendError, match="SIZE=2 but the MPI world has 1 process"):
+        mpi_backend.world()
+
+
+def test_keras_module_imports_without_keras_and_validates():
+    import ringtrain.keras as rk
+
+    with pytest.raises(ConfigError, match="compression"):
+        rk.DistributedOptimizer(object(), compression="int8")
+    with pytest.raises(AttributeError):
+        rk.NoSuchThing  # noqa: B018
