@@ -91,6 +91,25 @@ VARS: dict[str, Var] = {
             "Slots of the embedded local Spark started when no session is active; 0 means "
             "max(num_proc, CPU count).",
         ),
+        # Fused buffers: parsed by ringtrain.fusion, which reads them at import.
+        Var(
+            "RINGTRAIN_FUSION_THRESHOLD",
+            "128M",
+            str,
+            "Fused-buffer bucket size in bytes (K/M/G suffixes accepted); 0 puts every tensor alone.",
+        ),
+        Var(
+            "RINGTRAIN_FUSION_IMPL",
+            "auto",
+            str,
+            "auto uses the native extension when built; numpy forces the twin; native requires the extension.",
+        ),
+        Var(
+            "RINGTRAIN_FUSION_THREADS",
+            "1",
+            str,
+            "Threads the native extension may use to pack or unpack one buffer.",
+        ),
         # Read by `ringtrain launch` only, as defaults for its flags; a flag beats its variable.
         Var(
             "RINGTRAIN_NP",
@@ -131,6 +150,14 @@ VARS: dict[str, Var] = {
             "`ringtrain launch --timeout`: job wall-clock limit in seconds; unset means none.",
         ),
     )
+}
+
+
+# Set by the task agent for its workers; not meant to be set by users.
+INTERNAL = {
+    "RINGTRAIN_WORKDIR": "the worker's private directory (payload, result, error files)",
+    "RINGTRAIN_PARENT_PID": "the agent's pid, checked when the worker asks to die with its parent",
+    "RINGTRAIN_LOCAL_ENVS": "mpi backend: each local rank's placement, keyed by PMI rank",
 }
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import sys
+import uuid
 
 import pytest
 
 # Keep multi-process tests small and quiet: one TF thread per worker.
 os.environ.setdefault("RINGTRAIN_TF_THREADS", "1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+# Every process this session starts inherits this marker (see helpers/procs.py).
+os.environ["RINGTRAIN_TEST_SESSION"] = uuid.uuid4().hex
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(_HERE, "helpers"))

@@ -174,9 +174,11 @@ class MpiRank:
     def poll(self) -> int | None:
         if self._returncode is None:
             status = status_file(self._workdir, self.spec.rank)
+            proxy_gone = self._proxy.poll() is not None
+            # Read the status after checking the proxy: a shim reports before its proxy exits.
             if status.exists():
                 self._returncode = int(status.read_text())
-            elif self._proxy.poll() is not None:
+            elif proxy_gone:
                 # The proxy is gone and the rank's shim never reported: it was killed.
                 self._returncode = -signal.SIGKILL
         return self._returncode
@@ -189,6 +191,12 @@ class MpiRank:
             except OSError:
                 pass
         self._output.drain()
+
+
+def _log_lines(pipe, source: str) -> None:
+    for raw in iter(pipe.readline, b""):
+        logger.info("%s: %s", source, raw.decode("utf-8", errors="replace").rstrip())
+    pipe.close()
 
 
 def stop_workers(workers: list[WorkerProcess], grace: float) -> None:
@@ -211,8 +219,6 @@ def stop_workers(workers: list[WorkerProcess], grace: float) -> None:
 def worker_environ(job: TaskJob, spec: rendezvous.WorkerSpec) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if job.backend == "tf" and "TF_USE_LEGACY_KERAS" not in job.worker_env:
-        env.setdefault("TF_USE_LEGACY_KERAS", os.environ.get("TF_USE_LEGACY_KERAS", "1"))
     env.update(job.worker_env)
     env.update(spec.environ())
     env.update(
@@ -319,7 +325,12 @@ class TaskAgent:
             RINGTRAIN_LOCAL_ENVS=json.dumps({str(s.rank): s.environ() for s in specs}),
             RINGTRAIN_PARENT_PID="0",
         )
-        proxy = _hydra.start_proxy(info["proxies"][index], env=env)
+        proxy = _hydra.start_proxy(
+            info["proxies"][index], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        # Hydra's own diagnostics (teardown complaints included) go to the executor log,
+        # not into the user's output.
+        threading.Thread(target=_log_lines, args=(proxy.stdout, "hydra proxy"), daemon=True).start()
         ranks = [MpiRank(spec, workdir, proxy, conn.send, self.job.show_tf_noise) for spec in specs]
         self._cleanups.append(lambda: _hydra.terminate_group(proxy, self.job.kill_grace))
         return ranks

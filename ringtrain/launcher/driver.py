@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import re
 import secrets
@@ -72,7 +73,7 @@ def _launch_once(sc, layout: spark.Layout, config: JobConfig, payload: bytes, pr
             secret=secret,
             backend=config.backend,
             payload=payload,
-            worker_env=dict(config.worker_env) | _thread_env(config),
+            worker_env=_keras_env(config) | _thread_env(config) | dict(config.worker_env),
             kill_grace=config.kill_grace,
             show_tf_noise=config.show_tf_noise,
             gpus_per_worker=config.gpus_per_worker,
@@ -81,6 +82,12 @@ def _launch_once(sc, layout: spark.Layout, config: JobConfig, payload: bytes, pr
         barrier.start()
         supervisor = _Supervisor(server, barrier, layout, config, printer or LogPrinter())
         return supervisor.run()
+
+
+def _keras_env(config: JobConfig) -> dict[str, str]:
+    """tf.keras in workers is tf-keras unless the user chose otherwise (see RINGTRAIN_LEGACY_KERAS)."""
+    default = "1" if config.legacy_keras else "0"
+    return {"TF_USE_LEGACY_KERAS": os.environ.get("TF_USE_LEGACY_KERAS", default)}
 
 
 def _thread_env(config: JobConfig) -> dict[str, str]:

@@ -34,17 +34,31 @@ class FunctionTask:
 
 @dataclass(frozen=True)
 class ScriptTask:
-    """Run a Python script as ``__main__`` with the given argv."""
+    """Run a Python script as ``__main__`` with the given argv.
+
+    The script's source travels with the task: an executor host without the file at
+    ``path`` runs the shipped copy from the worker's directory instead.
+    """
 
     path: str
     argv: tuple[str, ...] = ()
+    source: bytes = field(default=b"", repr=False)
+
+    @classmethod
+    def from_path(cls, path: str, argv: tuple[str, ...] = ()) -> ScriptTask:
+        resolved = str(Path(path).resolve())
+        return cls(resolved, tuple(argv), Path(resolved).read_bytes())
 
     def __call__(self) -> None:
         import runpy
 
-        sys.argv = [self.path, *self.argv]
-        sys.path.insert(0, str(Path(self.path).resolve().parent))
-        runpy.run_path(self.path, run_name="__main__")
+        path = self.path
+        if not Path(path).is_file() and self.source:
+            path = str(Path(os.environ["RINGTRAIN_WORKDIR"], Path(self.path).name))
+            Path(path).write_bytes(self.source)
+        sys.argv = [path, *self.argv]
+        sys.path.insert(0, str(Path(path).parent))
+        runpy.run_path(path, run_name="__main__")
 
 
 def die_with_parent() -> None:
@@ -132,6 +146,7 @@ def main(workdir: str | None = None) -> int:
     from ..launcher.agent import PAYLOAD_FILE, error_file, result_file
 
     die_with_parent()
+    os.environ["RINGTRAIN_WORKDIR"] = workdir
     rank = int(os.environ["RANK"])
     code = 0
     try:

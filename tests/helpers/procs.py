@@ -1,30 +1,47 @@
-"""Finding ringtrain processes by their command line, for leak checks."""
+"""Finding the processes this test session started, for leak checks.
+
+conftest.py puts a per-session marker in the environment; executors, task agents,
+workers and MPI proxies inherit it, so other sessions' processes on the same machine
+are never mistaken for ours, and orphans adopted by init are still found.
+"""
 
 from __future__ import annotations
 
 import os
 import time
 
+MARKER = "RINGTRAIN_TEST_SESSION"
+WORKER = "-m ringtrain.worker"
 
-def _cmdline(pid: str) -> str:
+
+def _read(pid: str, name: str) -> bytes:
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
+        with open(f"/proc/{pid}/{name}", "rb") as f:
+            return f.read()
     except OSError:
-        return ""
+        return b""
 
 
 def pids_matching(pattern: str) -> list[int]:
+    """Live processes of this session whose command line contains ``pattern``."""
     me = os.getpid()
-    return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != me and pattern in _cmdline(p)]
+    tag = f"{MARKER}={os.environ.get(MARKER, '')}".encode()
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == me:
+            continue
+        cmdline = _read(pid, "cmdline").replace(b"\0", b" ").decode(errors="replace")
+        if pattern in cmdline and tag in _read(pid, "environ").split(b"\0"):
+            found.append(int(pid))
+    return found
 
 
 def worker_pids() -> list[int]:
-    return pids_matching("-m ringtrain.worker")
+    return pids_matching(WORKER)
 
 
 def wait_for_no_workers(
-    exclude: set[int] = frozenset(), timeout: float = 2.0, pattern: str = "-m ringtrain.worker"
+    exclude: set[int] = frozenset(), timeout: float = 2.0, pattern: str = WORKER
 ) -> list[int]:
     """Poll until no matching process (other than ``exclude``) is alive; return survivors."""
     deadline = time.monotonic() + timeout

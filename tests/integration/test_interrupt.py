@@ -34,7 +34,8 @@ def test_ctrl_c_leaves_no_worker_behind():
             if line.strip() in ("[0] started", "[1] started"):
                 seen.add(line.strip())
         assert seen == {"[0] started", "[1] started"}
-        assert len(set(worker_pids()) - before) == 2
+        # Two workers on tf; on mpi each rank is a shim and its child, beside mpiexec.
+        assert len(set(worker_pids()) - before) >= 2
         proc.send_signal(signal.SIGINT)
         sent = time.monotonic()
         rest, _ = proc.communicate(timeout=30)

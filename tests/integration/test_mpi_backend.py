@@ -7,9 +7,9 @@ import signal
 import time
 
 import pytest
+from procs import pids_matching
 
 import ringtrain
-from procs import pids_matching
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("spark", "no_leftover_workers")]
 

@@ -10,6 +10,7 @@ from ringtrain.backends.tf import communication, gpu_assigned
 from ringtrain.config import JobConfig
 from ringtrain.errors import ConfigError, Failure, ResourceError, WorkerError
 from ringtrain.launcher.agent import TaskJob, is_tf_noise, worker_environ
+from ringtrain.launcher.driver import _keras_env
 from ringtrain.launcher.ports import PortReservation
 from ringtrain.launcher.spark import gpus_per_task, layout_for
 from ringtrain.rendezvous import TaskOffer, plan
@@ -68,15 +69,21 @@ def test_communication_choice():
     assert not gpu_assigned({})
 
 
-def test_worker_environ_places_worker_and_keeps_user_env(monkeypatch):
-    monkeypatch.delenv("TF_USE_LEGACY_KERAS", raising=False)
+def test_worker_environ_places_worker_and_keeps_user_env():
     spec = plan([TaskOffer(0, "h", (7,), ("3",))])[0]
-    job = TaskJob(("h", 1), b"s", "tf", b"", {"MY_VAR": "x"}, 1.0, False)
+    job = TaskJob(("h", 1), b"s", "tf", b"", {"MY_VAR": "x", "TF_USE_LEGACY_KERAS": "0"}, 1.0, False)
     env = worker_environ(job, spec)
     assert env["RANK"] == "0" and env["CUDA_VISIBLE_DEVICES"] == "3" and env["MY_VAR"] == "x"
-    assert env["TF_USE_LEGACY_KERAS"] == "1" and env["TF_GRPC_REUSE_PORT"] == "1"
-    job = TaskJob(("h", 1), b"s", "tf", b"", {"TF_USE_LEGACY_KERAS": "0"}, 1.0, False)
-    assert worker_environ(job, spec)["TF_USE_LEGACY_KERAS"] == "0"
+    assert env["TF_USE_LEGACY_KERAS"] == "0" and env["TF_GRPC_REUSE_PORT"] == "1"
+
+
+@pytest.mark.parametrize("backend", ["tf", "mpi"])
+def test_workers_get_tf_keras_by_default_on_every_backend(monkeypatch, backend):
+    monkeypatch.delenv("TF_USE_LEGACY_KERAS", raising=False)
+    assert _keras_env(JobConfig(backend=backend)) == {"TF_USE_LEGACY_KERAS": "1"}
+    assert _keras_env(JobConfig(backend=backend, legacy_keras=False)) == {"TF_USE_LEGACY_KERAS": "0"}
+    monkeypatch.setenv("TF_USE_LEGACY_KERAS", "0")  # the user's own choice wins
+    assert _keras_env(JobConfig(backend=backend)) == {"TF_USE_LEGACY_KERAS": "0"}
 
 
 def test_reserved_port_refuses_other_programs_but_hands_over_to_reuseport():
@@ -123,3 +130,20 @@ def test_errors_survive_pickling():
     assert err.exitcode == 128 + signal.SIGKILL
     config_err = pickle.loads(pickle.dumps(ConfigError("bad")))
     assert isinstance(config_err, ValueError) and str(config_err) == "bad"
+
+
+def test_script_task_runs_its_shipped_copy_where_the_path_is_missing(tmp_path, monkeypatch, capsys):
+    from ringtrain.worker import ScriptTask
+
+    script = tmp_path / "train.py"
+    script.write_text("import sys\nprint('ran', sys.argv[1:])\n")
+    task = ScriptTask.from_path(str(script), ("--epochs", "2"))
+    script.unlink()  # as on an executor host that never had the file
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    monkeypatch.setenv("RINGTRAIN_WORKDIR", str(workdir))
+    monkeypatch.setattr("sys.argv", ["pytest"])
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+    task()
+    assert capsys.readouterr().out == "ran ['--epochs', '2']\n"
+    assert (workdir / "train.py").exists()
