@@ -102,7 +102,8 @@ VARS: dict[str, Var] = {
             "RINGTRAIN_FUSION_IMPL",
             "auto",
             str,
-            "auto uses the native extension when built; numpy forces the twin; native requires the extension.",
+            "auto uses the native extension when built; numpy forces the twin; "
+            "native requires the extension.",
         ),
         Var(
             "RINGTRAIN_FUSION_THREADS",

@@ -22,6 +22,10 @@ def _read(pid: str, name: str) -> bytes:
         return b""
 
 
+def cmdline(pid: int | str) -> str:
+    return _read(str(pid), "cmdline").replace(b"\0", b" ").decode(errors="replace")
+
+
 def pids_matching(pattern: str) -> list[int]:
     """Live processes of this session whose command line contains ``pattern``."""
     me = os.getpid()
@@ -30,8 +34,7 @@ def pids_matching(pattern: str) -> list[int]:
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == me:
             continue
-        cmdline = _read(pid, "cmdline").replace(b"\0", b" ").decode(errors="replace")
-        if pattern in cmdline and tag in _read(pid, "environ").split(b"\0"):
+        if pattern in cmdline(pid) and tag in _read(pid, "environ").split(b"\0"):
             found.append(int(pid))
     return found
 

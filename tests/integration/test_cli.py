@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import _cmdline
+from procs import cmdline
+
+from ringtrain.backends._hydra import descendants
 
 HELPERS = Path(__file__).resolve().parent.parent / "helpers"
 PYTHON_M = [sys.executable, "-m", "ringtrain"]
@@ -86,25 +88,6 @@ def test_help_shows_examples_and_variables():
 # ------------------------------------------------------------------ real jobs on a local Spark
 
 
-def _descendants(root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(), [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -173,8 +156,8 @@ def test_signal_stops_the_job_and_every_worker(sig, code):
     )
     try:
         _wait_for_lines(proc, {"[0] ready 0", "[1] ready 1"}, timeout=120)
-        tree = _descendants(proc.pid)
-        workers = {p for p in tree if "-m ringtrain.worker" in _cmdline(str(p))}
+        tree = set(descendants(proc.pid))
+        workers = {p for p in tree if "-m ringtrain.worker" in cmdline(p)}
         assert len(workers) >= 2, "expected both workers to be running"
         started = time.monotonic()
         proc.send_signal(sig)
@@ -185,7 +168,7 @@ def test_signal_stops_the_job_and_every_worker(sig, code):
         # Every worker, and the Spark JVM and Python workers under it, are gone.
         assert not _wait_gone(workers, timeout=2.0), "worker processes outlived the CLI"
         left = _wait_gone(tree, timeout=5.0)
-        assert not left, f"processes outlived the CLI: {[_cmdline(str(p))[:80] for p in left]}"
+        assert not left, f"processes outlived the CLI: {[cmdline(p)[:80] for p in left]}"
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -60,7 +60,9 @@ def test_unknown_model_and_bad_depth() -> None:
 
 def test_check_record_rejects_missing_and_non_positive() -> None:
     good = dict.fromkeys(cnn.REQUIRED_KEYS, 1)
-    good.update(allreduce_share=0.5, model="inception1", backend="mpi", platform="x", tf_version="2", date="d")
+    good.update(
+        allreduce_share=0.5, model="inception1", backend="mpi", platform="x", tf_version="2", date="d"
+    )
     cnn.check_record(good)
     with pytest.raises(ValueError, match="lacks"):
         cnn.check_record({k: v for k, v in good.items() if k != "images_per_sec"})
