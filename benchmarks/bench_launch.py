@@ -54,7 +54,8 @@ def _std_run(fn):
 def _ringtrain_run(fn):
     import ringtrain
 
-    return ringtrain.run(fn, num_proc=2)
+    # The tf backend: the same MultiWorkerMirroredStrategy collectives as the runner beside it.
+    return ringtrain.run(fn, num_proc=2, backend="tf")
 
 
 def main() -> None:
