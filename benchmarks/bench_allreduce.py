@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import ringtrain.collectives as rc
     from ringtrain import fusion
+    from ringtrain.worker import tune_malloc
+
+    # What a ringtrain worker does at start; RINGTRAIN_MALLOC_REUSE=0 measures without it.
+    malloc_reuse = tune_malloc()
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -136,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "tensors": len(arrays),
         "bytes": nbytes,
         "fusion_threshold": fusion.fusion_threshold(),
+        "malloc_reuse": malloc_reuse,
         "fusion_impl": fusion.IMPLEMENTATION,
         "mpi": MPI.Get_library_version().splitlines()[0],
         "host": platform.node(),

