@@ -69,18 +69,9 @@ def main() -> None:
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # spark-tensorflow-distributor needs it for fit
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    from pyspark.sql import SparkSession
+    from ringtrain.launcher.spark import loopback_session
 
-    spark = (
-        SparkSession.builder.master("local[2]")
-        .appName("bench-launch")
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.driver.host", "127.0.0.1")
-        .config("spark.driver.bindAddress", "127.0.0.1")
-        .getOrCreate()
-    )
-    spark.sparkContext.setLogLevel("ERROR")
+    spark = loopback_session("local[2]", "bench-launch")
     spark.sparkContext.parallelize(range(2), 2).count()  # warm the Python workers
 
     runners = {"ringtrain": _ringtrain_run, "spark-tensorflow-distributor": _std_run}

@@ -26,18 +26,9 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 
 @pytest.fixture(scope="session")
 def spark():
-    from pyspark.sql import SparkSession
+    from ringtrain.launcher.spark import loopback_session
 
-    session = (
-        SparkSession.builder.master("local[2]")
-        .appName("ringtrain-tests")
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.driver.host", "127.0.0.1")
-        .config("spark.driver.bindAddress", "127.0.0.1")
-        .getOrCreate()
-    )
-    session.sparkContext.setLogLevel("ERROR")
+    session = loopback_session("local[2]", "ringtrain-tests")
     yield session
     session.stop()
 

@@ -8,8 +8,9 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..config import JobConfig
@@ -17,6 +18,31 @@ from ..errors import ConfigError, ResourceError
 from ..rendezvous import workers_per_task
 
 logger = logging.getLogger(__name__)
+
+
+# A session on one machine: loopback keeps it off the network (and Spark's warning about
+# the hostname), and no UI or progress bar writes over the workers' output.
+LOOPBACK_CONF = {
+    "spark.ui.enabled": "false",
+    "spark.ui.showConsoleProgress": "false",
+    "spark.driver.host": "127.0.0.1",
+    "spark.driver.bindAddress": "127.0.0.1",
+}
+
+
+def loopback_session(master: str, app_name: str = "ringtrain", conf: Mapping[str, str] | None = None):
+    """A quiet SparkSession for ``local[...]`` or ``local-cluster[...]`` masters; ``conf`` wins."""
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = SparkSession.builder.master(master).appName(app_name)
+    quiet_logs = f"-Dlog4j2.configurationFile={Path(__file__).with_name('log4j2.properties').as_uri()}"
+    defaults = {**LOOPBACK_CONF, "spark.driver.extraJavaOptions": quiet_logs}
+    for key, value in {**defaults, **(conf or {})}.items():
+        builder = builder.config(key, value)
+    session = builder.getOrCreate()
+    session.sparkContext.setLogLevel("ERROR")
+    return session
 
 
 def get_session(config: JobConfig):
@@ -29,22 +55,12 @@ def get_session(config: JobConfig):
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     master = config.master or f"local[{_local_slots(config)}]"
+    if master.startswith("local"):
+        return loopback_session(master, conf=config.spark_conf)
     builder = SparkSession.builder.master(master).appName("ringtrain")
-    embedded = config.master is None or config.master.startswith("local")
-    if embedded:
-        # Loopback keeps a laptop or notebook job off the network and its warnings.
-        builder = (
-            builder.config("spark.ui.enabled", "false")
-            .config("spark.ui.showConsoleProgress", "false")
-            .config("spark.driver.host", "127.0.0.1")
-            .config("spark.driver.bindAddress", "127.0.0.1")
-        )
     for key, value in config.spark_conf.items():
         builder = builder.config(key, value)
-    session = builder.getOrCreate()
-    if embedded:
-        session.sparkContext.setLogLevel("ERROR")
-    return session
+    return builder.getOrCreate()
 
 
 def _local_slots(config: JobConfig) -> int:

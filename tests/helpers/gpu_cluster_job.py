@@ -7,9 +7,8 @@ import json
 import os
 import sys
 
-from pyspark.sql import SparkSession
-
 import ringtrain
+from ringtrain.launcher.spark import loopback_session
 
 
 def view():
@@ -25,20 +24,17 @@ def view():
 
 def main(num_proc: int) -> None:
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_gpus.sh")
-    spark = (
-        SparkSession.builder.master("local-cluster[2,2,1024]")
-        .config("spark.worker.resource.gpu.amount", "2")
-        .config("spark.worker.resource.gpu.discoveryScript", script)
-        .config("spark.executor.resource.gpu.amount", "2")
-        .config("spark.executor.resource.gpu.discoveryScript", script)
-        .config("spark.task.resource.gpu.amount", "2")
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.driver.host", "127.0.0.1")
-        .config("spark.driver.bindAddress", "127.0.0.1")
-        .getOrCreate()
+    spark = loopback_session(
+        "local-cluster[2,2,1024]",
+        "ringtrain-gpu-test",
+        {
+            "spark.worker.resource.gpu.amount": "2",
+            "spark.worker.resource.gpu.discoveryScript": script,
+            "spark.executor.resource.gpu.amount": "2",
+            "spark.executor.resource.gpu.discoveryScript": script,
+            "spark.task.resource.gpu.amount": "2",
+        },
     )
-    spark.sparkContext.setLogLevel("ERROR")
     try:
         result = ringtrain.run(view, num_proc=num_proc, return_all=True)
         print("RESULT " + json.dumps(result))
