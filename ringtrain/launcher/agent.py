@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+import queue
 import re
 import shutil
 import signal
@@ -244,6 +245,7 @@ class TaskAgent:
         self.gpus = gpus
         self._all_gather = all_gather
         self._abort = threading.Event()
+        self._launch: queue.Queue = queue.Queue()
         self._cleanups: list[Callable[[], None]] = []
 
     def run(self) -> None:
@@ -299,7 +301,6 @@ class TaskAgent:
 
         ordered = sorted(offers, key=lambda o: o.partition)
         index = [o.partition for o in ordered].index(self.partition)
-        launch_info = ""
         if index == 0:
             try:
                 cmd = _hydra.build_mpiexec_command(
@@ -312,8 +313,12 @@ class TaskAgent:
                 launch_info = json.dumps({"proxies": launch.proxies})
             except BackendError as err:
                 launch_info = json.dumps({"error": str(err)})
-        # Second round: everyone learns partition 0's proxy commands, or why there are none.
-        info = json.loads(self._all_gather(launch_info)[0])
+            # Relayed to every agent by the driver: a barrier allGather would cost a second,
+            # since Spark checks its barrier futures once a second.
+            conn.send(("mpi_launch", launch_info))
+        info = self._wait_for_launch()
+        if info is None:
+            return []
         if "error" in info:
             conn.send(("backend_failed", self.partition, info["error"]))
             return []
@@ -336,13 +341,26 @@ class TaskAgent:
         return ranks
 
     def _listen(self, conn: channel.Connection) -> None:
-        """Any message from the driver is an abort; so is losing the driver."""
+        """Relays partition 0's MPI launch; any other message is an abort, and so is losing the driver."""
         try:
-            message = conn.recv()
-            logger.info("partition %s: driver asked to stop: %s", self.partition, message)
+            while True:
+                message = conn.recv()
+                if message[0] != "mpi_launch":
+                    logger.info("partition %s: driver asked to stop: %s", self.partition, message)
+                    break
+                self._launch.put(json.loads(message[1]))
         except (OSError, EOFError):
             pass
         self._abort.set()
+
+    def _wait_for_launch(self) -> dict | None:
+        """Partition 0's proxy commands (or why there are none); None if the job is aborted first."""
+        while not self._abort.is_set():
+            try:
+                return self._launch.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return None
 
     def _supervise(self, workers: list, conn: channel.Connection, workdir: str) -> None:
         pending = list(workers)

@@ -200,6 +200,9 @@ class _Supervisor:
             self.failures.append(Failure(*message[1:]))
         elif kind == "done":
             self.done_tasks.add(message[1])
+        elif kind == "mpi_launch":
+            # Partition 0's mpiexec printed one proxy command per task: hand them to every agent.
+            self.server.broadcast(message)
         elif kind == "backend_failed":
             self.backend_failure = self.backend_failure or f"partition {message[1]}: {message[2]}"
         else:
