@@ -150,19 +150,18 @@ class WorkerProcess:
 
 class MpiRank:
     """One MPI rank of this task. Hydra's proxy starts it, not the agent, so the rank's
-    launcher shim reports its exit status in a file and its output comes through FIFOs."""
+    launcher shim reports its exit status in a file and its output comes through FIFOs.
+
+    Create it before the proxy starts (the shim opens the FIFOs at once), then attach the proxy.
+    """
 
     def __init__(
-        self,
-        spec: rendezvous.WorkerSpec,
-        workdir: str,
-        proxy: subprocess.Popen,
-        send: Callable[[tuple], None],
-        show_tf_noise: bool,
+        self, spec: rendezvous.WorkerSpec, workdir: str, send: Callable[[tuple], None], show_tf_noise: bool
     ):
         self.spec = spec
         self._workdir = workdir
-        self._proxy = proxy
+        self._proxy: subprocess.Popen | None = None
+        self._proxy_log: list[str] = []
         self._returncode: int | None = None
         self._fifos = [output_fifo(workdir, spec.rank, stream) for stream in ("stdout", "stderr")]
         for fifo in self._fifos:
@@ -172,16 +171,26 @@ class MpiRank:
             # Opening a FIFO for reading blocks until the rank opens it, so do it in the reader.
             self._output.follow(lambda fifo=fifo: open(fifo, "rb"), stream)
 
+    def attach(self, proxy: subprocess.Popen, proxy_log: list[str]) -> None:
+        self._proxy = proxy
+        self._proxy_log = proxy_log
+
     def poll(self) -> int | None:
         if self._returncode is None:
             status = status_file(self._workdir, self.spec.rank)
-            proxy_gone = self._proxy.poll() is not None
+            proxy_gone = self._proxy is None or self._proxy.poll() is not None
             # Read the status after checking the proxy: a shim reports before its proxy exits.
             if status.exists():
                 self._returncode = int(status.read_text())
             elif proxy_gone:
-                # The proxy is gone and the rank's shim never reported: it was killed.
+                # The proxy is gone and the rank's shim never reported: killed, or never started.
                 self._returncode = -signal.SIGKILL
+                tail = "\n".join(self._proxy_log[-20:])
+                error = error_file(self._workdir, self.spec.rank)
+                if tail and not error.exists():
+                    error.write_text(
+                        f"hydra_pmi_proxy ended before this rank reported; its last lines:\n{tail}\n"
+                    )
         return self._returncode
 
     def drain(self) -> None:
@@ -194,9 +203,31 @@ class MpiRank:
         self._output.drain()
 
 
-def _log_lines(pipe, source: str) -> None:
+# Execs argv[2:] after asking Linux to SIGKILL it when the process that started it dies
+# (the death signal survives exec). Run with -S, so it starts in milliseconds.
+_EXEC_WITH_PARENT_DEATH = (
+    "import ctypes, os, sys; "
+    "ctypes.CDLL(None).prctl(1, 9); "
+    "os.getppid() == int(sys.argv[1]) or os._exit(137); "
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
+def with_parent_death(argv: list[str]) -> list[str]:
+    """``argv`` wrapped so it dies with this agent even if the agent is SIGKILLed.
+
+    Hydra's mpiexec and proxies start in their own sessions and set no death signal, so
+    without this they (and the ranks under them) would outlive an agent that Spark kills.
+    """
+    return [sys.executable, "-S", "-c", _EXEC_WITH_PARENT_DEATH, str(os.getpid()), *argv]
+
+
+def _log_lines(pipe, source: str, keep: list[str]) -> None:
     for raw in iter(pipe.readline, b""):
-        logger.info("%s: %s", source, raw.decode("utf-8", errors="replace").rstrip())
+        line = raw.decode("utf-8", errors="replace").rstrip()
+        logger.info("%s: %s", source, line)
+        keep.append(line)
+        del keep[:-50]
     pipe.close()
 
 
@@ -228,8 +259,9 @@ def worker_environ(job: TaskJob, spec: rendezvous.WorkerSpec) -> dict[str, str]:
         PYTHONUNBUFFERED="1",
         # Lets the gRPC server take over the port this agent holds (see ports.py).
         TF_GRPC_REUSE_PORT="1",
-        # The child sees the modules this task sees, including files added with addPyFile.
-        PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
+        # The child sees the modules this task sees, including files added with addPyFile,
+        # after any PYTHONPATH the user gave the workers.
+        PYTHONPATH=os.pathsep.join(p for p in [job.worker_env.get("PYTHONPATH", ""), *sys.path] if p),
     )
     return env
 
@@ -303,10 +335,12 @@ class TaskAgent:
         index = [o.partition for o in ordered].index(self.partition)
         if index == 0:
             try:
-                cmd = _hydra.build_mpiexec_command(
-                    [o.num_workers for o in ordered],
-                    [sys.executable, "-m", "ringtrain.worker"],
-                    control_host=conn.local_host(),
+                cmd = with_parent_death(
+                    _hydra.build_mpiexec_command(
+                        [o.num_workers for o in ordered],
+                        [sys.executable, "-m", "ringtrain.worker"],
+                        control_host=conn.local_host(),
+                    )
                 )
                 launch = _hydra.start_mpiexec(cmd, on_line=lambda line: logger.info("mpiexec: %s", line))
                 self._cleanups.append(lambda: launch.terminate(self.job.kill_grace))
@@ -330,14 +364,26 @@ class TaskAgent:
             RINGTRAIN_LOCAL_ENVS=json.dumps({str(s.rank): s.environ() for s in specs}),
             RINGTRAIN_PARENT_PID="0",
         )
-        proxy = _hydra.start_proxy(
-            info["proxies"][index], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
-        # Hydra's own diagnostics (teardown complaints included) go to the executor log,
-        # not into the user's output.
-        threading.Thread(target=_log_lines, args=(proxy.stdout, "hydra proxy"), daemon=True).start()
-        ranks = [MpiRank(spec, workdir, proxy, conn.send, self.job.show_tf_noise) for spec in specs]
+        ranks = [MpiRank(spec, workdir, conn.send, self.job.show_tf_noise) for spec in specs]
+        try:
+            proxy = _hydra.start_proxy(
+                with_parent_death(info["proxies"][index]),
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        except BackendError as err:
+            conn.send(("backend_failed", self.partition, str(err)))
+            return []
         self._cleanups.append(lambda: _hydra.terminate_group(proxy, self.job.kill_grace))
+        # Hydra's own diagnostics (teardown complaints included) go to the executor log, not
+        # into the user's output; the tail explains a rank that never reported.
+        proxy_log: list[str] = []
+        threading.Thread(
+            target=_log_lines, args=(proxy.stdout, "hydra proxy", proxy_log), daemon=True
+        ).start()
+        for rank in ranks:
+            rank.attach(proxy, proxy_log)
         return ranks
 
     def _listen(self, conn: channel.Connection) -> None:
@@ -365,8 +411,8 @@ class TaskAgent:
     def _supervise(self, workers: list, conn: channel.Connection, workdir: str) -> None:
         pending = list(workers)
         while pending:
-            if self._abort.wait(0.05):
-                return
+            aborted = self._abort.wait(0.05)
+            # Report what already ended even when aborting: it may be the root cause.
             for w in [w for w in pending if w.poll() is not None]:
                 pending.remove(w)
                 w.drain()
@@ -375,6 +421,8 @@ class TaskAgent:
                     # The job is failing: stop this task's other workers now rather
                     # than leave them waiting in a collective for the driver's abort.
                     return
+            if aborted:
+                return
 
     @staticmethod
     def _report(w: WorkerProcess | MpiRank, workdir: str) -> tuple:

@@ -26,6 +26,7 @@ _MAGIC = b"RTC1"
 _NONCE = 32
 _DIGEST = 32
 _HEADER = struct.Struct("!I")
+_SEQ = struct.Struct("!Q")
 _MAX_FRAME = 1 << 31
 HANDSHAKE_TIMEOUT = 10.0
 
@@ -45,24 +46,49 @@ def _mac(secret: bytes, nonce: bytes) -> bytes:
     return hmac.new(secret, nonce, hashlib.sha256).digest()
 
 
-class Connection:
-    """An authenticated, framed, thread-safe-for-send connection."""
+def _session_key(secret: bytes, server_nonce: bytes, client_nonce: bytes) -> bytes:
+    return _mac(secret, b"ringtrain-session" + server_nonce + client_nonce)
 
-    def __init__(self, sock: socket.socket, peer: str):
+
+class Connection:
+    """An authenticated, framed, thread-safe-for-send connection.
+
+    Every frame carries an HMAC over its direction, its sequence number and its bytes,
+    keyed by this connection's session key, and is checked before it is unpickled: a
+    frame injected or replayed after the handshake is refused.
+    """
+
+    def __init__(self, sock: socket.socket, peer: str, key: bytes, is_server: bool):
         self._sock = sock
         self.peer = peer
+        self._key = key
+        self._send_tag, self._recv_tag = (b"s", b"c") if is_server else (b"c", b"s")
+        self._sent = 0
+        self._received = 0
         self._send_lock = threading.Lock()
+
+    def _frame_mac(self, tag: bytes, seq: int, data: bytes) -> bytes:
+        return hmac.new(self._key, tag + _SEQ.pack(seq) + data, hashlib.sha256).digest()
 
     def send(self, message: Any) -> None:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         if len(data) >= _MAX_FRAME:
             raise ChannelError(f"message of {len(data)} bytes is too large for the control channel")
         with self._send_lock:
-            self._sock.sendall(_HEADER.pack(len(data)) + data)
+            mac = self._frame_mac(self._send_tag, self._sent, data)
+            self._sent += 1
+            self._sock.sendall(_HEADER.pack(len(data)) + mac + data)
 
     def recv(self) -> Any:
         (length,) = _HEADER.unpack(_recv_exact(self._sock, _HEADER.size))
-        return pickle.loads(_recv_exact(self._sock, length))
+        mac = _recv_exact(self._sock, _DIGEST)
+        data = _recv_exact(self._sock, length)
+        if not hmac.compare_digest(mac, self._frame_mac(self._recv_tag, self._received, data)):
+            raise ChannelError(
+                f"a control frame from {self.peer} failed its integrity check; dropped the connection"
+            )
+        self._received += 1
+        return pickle.loads(data)
 
     def local_host(self) -> str:
         return self._sock.getsockname()[0]
@@ -96,7 +122,8 @@ def connect(address: tuple[str, int], secret: bytes, timeout: float = HANDSHAKE_
         sock.close()
         raise ChannelError(f"control channel handshake with {address} failed: {err}") from None
     sock.settimeout(None)
-    return Connection(sock, f"{address[0]}:{address[1]}")
+    key = _session_key(secret, server_nonce, my_nonce)
+    return Connection(sock, f"{address[0]}:{address[1]}", key, is_server=False)
 
 
 class ChannelServer:
@@ -126,32 +153,36 @@ class ChannelServer:
             peer = f"{addr[0]}:{addr[1]}"
             threading.Thread(target=self._serve, args=(sock, peer), daemon=True).start()
 
-    def _authenticate(self, sock: socket.socket) -> bool:
+    def _authenticate(self, sock: socket.socket) -> bytes | None:
+        """The session key if the peer proves it knows the secret, else None."""
         sock.settimeout(HANDSHAKE_TIMEOUT)
         nonce = os.urandom(_NONCE)
         sock.sendall(_MAGIC + nonce)
         answer = _recv_exact(sock, _DIGEST)
         if not hmac.compare_digest(answer, _mac(self._secret, nonce)):
-            return False
-        sock.sendall(_mac(self._secret, _recv_exact(sock, _NONCE)))
+            return None
+        client_nonce = _recv_exact(sock, _NONCE)
+        sock.sendall(_mac(self._secret, client_nonce))
         sock.settimeout(None)
-        return True
+        return _session_key(self._secret, nonce, client_nonce)
 
     def _serve(self, sock: socket.socket, peer: str) -> None:
         try:
-            ok = self._authenticate(sock)
+            key = self._authenticate(sock)
         except (OSError, EOFError):
-            ok = False
-        if not ok:
+            key = None
+        if key is None:
             logger.warning("refused a control connection from %s: it failed authentication", peer)
             sock.close()
             return
-        conn = Connection(sock, peer)
+        conn = Connection(sock, peer, key, is_server=True)
         with self._lock:
             self._connections.append(conn)
         try:
             while True:
                 self.inbox.put((conn, conn.recv()))
+        except ChannelError as err:
+            logger.warning("%s", err)
         except (OSError, EOFError, pickle.UnpicklingError):
             pass
         finally:

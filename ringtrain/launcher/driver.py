@@ -117,6 +117,8 @@ class _Supervisor:
         self.failures: list[Failure] = []
         self.done_tasks: set[int] = set()
         self.backend_failure: str | None = None
+        self.stopped = False
+        self._barrier_done_at: float | None = None
 
     def run(self) -> dict[int, bytes | None]:
         try:
@@ -155,6 +157,9 @@ class _Supervisor:
 
     def _stop(self, reason: str) -> None:
         """Abort every agent and wait, briefly, for them to confirm their workers are gone."""
+        if self.stopped:
+            return
+        self.stopped = True
         self.server.broadcast(("abort", reason))
         try:
             self._wait(
@@ -173,12 +178,24 @@ class _Supervisor:
             try:
                 _, message = self.server.inbox.get(timeout=0.1)
             except queue.Empty:
-                if self.barrier.done() and not finished():
+                if self.barrier.done() and not finished() and self._agents_quiet():
                     self._drain()
                     if not finished():
                         raise self._job_ended_early() from None
                 continue
             self._handle(message)
+
+    def _agents_quiet(self) -> bool:
+        """After the Spark job ended: have all agents finished sending (or had their chance)?
+
+        An agent's last frames can still be in flight, or being unpickled, when its task
+        has already ended, so the driver waits for every ``done``, up to ``abort_wait``.
+        """
+        if self._barrier_done_at is None:
+            self._barrier_done_at = time.monotonic()
+        if len(self.done_tasks) >= self.layout.num_tasks:
+            return True
+        return time.monotonic() - self._barrier_done_at >= self.config.abort_wait
 
     def _drain(self) -> None:
         while True:

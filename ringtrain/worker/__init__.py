@@ -54,8 +54,11 @@ class ScriptTask:
 
         path = self.path
         if not Path(path).is_file() and self.source:
-            path = str(Path(os.environ["RINGTRAIN_WORKDIR"], Path(self.path).name))
-            Path(path).write_bytes(self.source)
+            # Each rank its own copy, written atomically: local ranks share the workdir.
+            folder = Path(os.environ["RINGTRAIN_WORKDIR"], f"script-{os.environ['RANK']}")
+            folder.mkdir(exist_ok=True)
+            path = str(folder / Path(self.path).name)
+            _write_atomic(Path(path), self.source)
         sys.argv = [path, *self.argv]
         sys.path.insert(0, str(Path(path).parent))
         runpy.run_path(path, run_name="__main__")
@@ -116,16 +119,22 @@ def become_mpi_rank() -> str:
     carries on as the MPI rank (it inherits the PMI connection), while this parent waits
     and writes the child's exact exit status, signals included, for the agent.
     """
-    from ..launcher.agent import output_fifo, status_file
+    from ..launcher.agent import error_file, output_fifo, status_file
 
     rank = int(os.environ["PMI_RANK"])
-    placement = json.loads(os.environ.pop("RINGTRAIN_LOCAL_ENVS"))[str(rank)]
-    os.environ.update(placement)
     workdir = os.environ["RINGTRAIN_WORKDIR"]
-    for fd, stream in ((1, "stdout"), (2, "stderr")):
-        fifo = os.open(output_fifo(workdir, rank, stream), os.O_WRONLY)
-        os.dup2(fifo, fd)
-        os.close(fifo)
+    try:
+        placement = json.loads(os.environ.pop("RINGTRAIN_LOCAL_ENVS"))[str(rank)]
+        os.environ.update(placement)
+        for fd, stream in ((1, "stdout"), (2, "stderr")):
+            fifo = os.open(output_fifo(workdir, rank, stream), os.O_WRONLY)
+            os.dup2(fifo, fd)
+            os.close(fifo)
+    except Exception:
+        # Tell the agent rather than die silently under the proxy.
+        _write_atomic(error_file(workdir, rank), traceback.format_exc().encode())
+        _write_atomic(status_file(workdir, rank), b"1")
+        os._exit(1)
     die_with_parent()  # the proxy
     os.environ["RINGTRAIN_PARENT_PID"] = str(os.getpid())
     child = os.fork()
@@ -182,14 +191,17 @@ def main(workdir: str | None = None) -> int:
         task = cloudpickle.loads(Path(workdir, PAYLOAD_FILE).read_bytes())
         result = task()
         _write_atomic(result_file(workdir, rank), cloudpickle.dumps(result))
-        _leave_backend()
     except SystemExit as stop:
         if stop.code not in (0, None):
-            code = stop.code if isinstance(stop.code, int) else 1
+            # Exit statuses are one byte; keep a failure a failure.
+            code = stop.code if isinstance(stop.code, int) and 0 < stop.code < 256 else 1
             _write_atomic(error_file(workdir, rank), f"SystemExit: {stop.code}\n".encode())
     except BaseException:
         _write_atomic(error_file(workdir, rank), traceback.format_exc().encode())
         code = 1
+    if code == 0:
+        # Also after sys.exit(0): an unfinalized exit makes Hydra kill the other ranks.
+        _leave_backend()
     sys.stdout.flush()
     sys.stderr.flush()
     # Skip interpreter shutdown: TF's collective threads can stall it.

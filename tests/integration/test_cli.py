@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import selectors
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -131,16 +132,22 @@ def test_failing_rank_exit_code_is_passed_through():
 
 
 def _wait_for_lines(proc: subprocess.Popen, wanted: set[str], timeout: float) -> list[str]:
+    # A reader thread, not select(): readline can pull two lines into Python's buffer while
+    # select() only sees the (then empty) pipe.
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     seen: list[str] = []
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout
     while not wanted <= set(seen):
-        if time.monotonic() >= deadline or proc.poll() is not None:
+        if time.monotonic() >= deadline:
             raise AssertionError(f"never saw {wanted - set(seen)}; got {seen}")
-        if sel.select(timeout=0.5):
-            line = proc.stdout.readline()
-            seen.append(line.rstrip("\n"))
+        try:
+            seen.append(lines.get(timeout=0.5).rstrip("\n"))
+        except queue.Empty:
+            if proc.poll() is not None:
+                raise AssertionError(
+                    f"the CLI exited ({proc.returncode}) before {wanted - set(seen)}"
+                ) from None
     return seen
 
 

@@ -80,3 +80,15 @@ def test_rank_killed_mid_collective_is_named():
     with pytest.raises(ringtrain.WorkerError, match="rank 0 on .* was killed by signal SIGKILL"):
         ringtrain.run(_killed_mid_collective, num_proc=2, backend="mpi")
     assert not _no_mpi_leftovers()
+
+
+def _early_clean_exit():
+    if ringtrain.rank() == 0:
+        raise SystemExit(0)  # a script's `sys.exit(main())`
+    time.sleep(2)  # still working (say, saving a checkpoint) when rank 0 has left
+    return "saved"
+
+
+def test_clean_sys_exit_does_not_kill_the_other_ranks():
+    assert ringtrain.run(_early_clean_exit, num_proc=2, backend="mpi", return_all=True) == [None, "saved"]
+    assert not _no_mpi_leftovers()

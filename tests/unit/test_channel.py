@@ -59,3 +59,30 @@ def test_unauthenticated_bytes_are_never_unpickled(tmp_path, caplog):
         assert server.inbox.empty()
     assert not marker.exists()
     assert "refused a control connection" in caplog.text
+
+
+def test_frames_injected_after_the_handshake_are_never_unpickled(tmp_path, caplog):
+    marker = tmp_path / "unpickled"
+    evil = pickle.dumps(_Tripwire(str(marker)))
+    with ChannelServer(b"k" * 32) as server, caplog.at_level(logging.WARNING):
+        conn = connect(("127.0.0.1", server.port), b"k" * 32)
+        # A peer on the path that relayed the handshake, then writes its own frame.
+        conn._sock.sendall(struct.pack("!I", len(evil)) + os.urandom(32) + evil)
+        _, closed = server.inbox.get(timeout=5)
+        assert closed is None
+        conn.close()
+    assert not marker.exists()
+    assert "failed its integrity check" in caplog.text
+
+
+def test_replayed_frame_is_refused(caplog):
+    with ChannelServer(b"k" * 32) as server, caplog.at_level(logging.WARNING):
+        conn = connect(("127.0.0.1", server.port), b"k" * 32)
+        data = pickle.dumps(("log", 0, "stdout", "once"))
+        frame = struct.pack("!I", len(data)) + conn._frame_mac(b"c", 0, data) + data
+        conn._sock.sendall(frame)
+        assert server.inbox.get(timeout=5)[1] == ("log", 0, "stdout", "once")
+        conn._sock.sendall(frame)  # the same frame again
+        assert server.inbox.get(timeout=5)[1] is None
+        conn.close()
+    assert "failed its integrity check" in caplog.text

@@ -142,8 +142,9 @@ def test_script_task_runs_its_shipped_copy_where_the_path_is_missing(tmp_path, m
     workdir = tmp_path / "work"
     workdir.mkdir()
     monkeypatch.setenv("RINGTRAIN_WORKDIR", str(workdir))
+    monkeypatch.setenv("RANK", "0")
     monkeypatch.setattr("sys.argv", ["pytest"])
     monkeypatch.setattr("sys.path", list(__import__("sys").path))
     task()
     assert capsys.readouterr().out == "ran ['--epochs', '2']\n"
-    assert (workdir / "train.py").exists()
+    assert (workdir / "script-0" / "train.py").exists()
