@@ -148,3 +148,51 @@ def test_script_task_runs_its_shipped_copy_where_the_path_is_missing(tmp_path, m
     task()
     assert capsys.readouterr().out == "ran ['--epochs', '2']\n"
     assert (workdir / "script-0" / "train.py").exists()
+
+
+def test_with_parent_death_kills_the_command_when_its_starter_is_killed(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from ringtrain.launcher.agent import with_parent_death
+
+    pidfile = tmp_path / "child.pid"
+    # A stand-in agent: starts a long sleep the way the agent starts mpiexec and proxies.
+    starter = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time\n"
+            "from ringtrain.launcher.agent import with_parent_death\n"
+            "child = subprocess.Popen(with_parent_death(['/bin/sleep', '300']), start_new_session=True)\n"
+            f"open({str(pidfile)!r}, 'w').write(str(child.pid))\n"
+            "time.sleep(300)\n",
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child = int(pidfile.read_text())
+        time.sleep(0.3)  # let the wrapper exec
+        with open(f"/proc/{child}/cmdline", "rb") as f:
+            assert f.read().split(b"\0")[0] == b"/bin/sleep"  # exec'd in place, same pid
+        starter.kill()  # SIGKILL: no clean-up code runs in the "agent"
+        starter.wait()
+        deadline = time.monotonic() + 5
+        while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.05)
+        alive = os.path.exists(f"/proc/{child}")
+        if alive:
+            with open(f"/proc/{child}/stat") as f:
+                alive = f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        assert not alive, "the command outlived the process that started it"
+    finally:
+        if starter.poll() is None:
+            starter.kill()
+    assert with_parent_death(["x"])[-1] == "x"
