@@ -42,6 +42,11 @@ def error_file(workdir: str | Path, rank: int) -> Path:
     return Path(workdir) / f"error-{rank}.txt"
 
 
+def release_file(workdir: str | Path) -> Path:
+    """Created once every rank of the job has a result: until then finished workers wait."""
+    return Path(workdir) / "release"
+
+
 def status_file(workdir: str | Path, rank: int) -> Path:
     """Where an MPI rank's launcher shim records the rank's exit status."""
     return Path(workdir) / f"status-{rank}"
@@ -277,6 +282,7 @@ class TaskAgent:
         self.gpus = gpus
         self._all_gather = all_gather
         self._abort = threading.Event()
+        self._release = threading.Event()
         self._launch: queue.Queue = queue.Queue()
         self._cleanups: list[Callable[[], None]] = []
 
@@ -387,10 +393,14 @@ class TaskAgent:
         return ranks
 
     def _listen(self, conn: channel.Connection) -> None:
-        """Relays partition 0's MPI launch; any other message is an abort, and so is losing the driver."""
+        """Takes the driver's release and MPI launch relay; anything else is an abort, and so is
+        losing the driver."""
         try:
             while True:
                 message = conn.recv()
+                if message[0] == "release":
+                    self._release.set()
+                    continue
                 if message[0] != "mpi_launch":
                     logger.info("partition %s: driver asked to stop: %s", self.partition, message)
                     break
@@ -409,14 +419,27 @@ class TaskAgent:
         return None
 
     def _supervise(self, workers: list, conn: channel.Connection, workdir: str) -> None:
+        """Report each worker's result as soon as it is written, and failures as they happen.
+
+        A worker with a result stays alive until the driver releases the job (every rank
+        has a result): a peer may still be pulling the last collective's buffers from it.
+        """
         pending = list(workers)
+        reported: set[int] = set()
         while pending:
             aborted = self._abort.wait(0.05)
+            if self._release.is_set() and not release_file(workdir).exists():
+                release_file(workdir).touch()
+            for w in pending:
+                if w.spec.rank not in reported and result_file(workdir, w.spec.rank).exists():
+                    reported.add(w.spec.rank)
+                    conn.send(("result", w.spec.rank, result_file(workdir, w.spec.rank).read_bytes()))
             # Report what already ended even when aborting: it may be the root cause.
             for w in [w for w in pending if w.poll() is not None]:
                 pending.remove(w)
                 w.drain()
-                conn.send(self._report(w, workdir))
+                if w.spec.rank not in reported:
+                    conn.send(self._report(w, workdir))
                 if w.poll() != 0:
                     # The job is failing: stop this task's other workers now rather
                     # than leave them waiting in a collective for the driver's abort.

@@ -140,8 +140,11 @@ class _Supervisor:
             if self.failures:
                 self._stop("a worker failed")
                 raise WorkerError(self._ordered_failures())
-            # Agents finish right after their last report; the Spark job ends with them.
-            self._wait(lambda: self.barrier.done(), timeout=self.config.abort_wait)
+            # Every rank has a result: let the workers exit. Agents then drain their output
+            # and say done; the Spark job ends with them.
+            self.server.broadcast(("release",))
+            self._wait(lambda: len(self.done_tasks) == self.layout.num_tasks, timeout=self.config.abort_wait)
+            self._drain()
             return self.results
         except BaseException:
             if not (self.failures or self.backend_failure):

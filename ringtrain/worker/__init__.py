@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -162,6 +163,22 @@ def _join_backend() -> None:
         world()  # joins COMM_WORLD now, and checks it matches RANK/SIZE
 
 
+def _finish(workdir: str, rank: int, result: bytes) -> None:
+    """Hand the result to the agent, then stay until the driver releases the job.
+
+    Exiting at once could cut off a peer that is still pulling this worker's share of the
+    last collective (TF's ring reads buffers from the sender's gRPC server).
+    """
+    from ..launcher.agent import release_file, result_file
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _write_atomic(result_file(workdir, rank), result)
+    release = release_file(workdir)
+    while not release.exists():
+        time.sleep(0.02)
+
+
 def _leave_backend() -> None:
     """Finalize MPI after a clean run, so Hydra sees an orderly exit."""
     if os.environ.get("RINGTRAIN_BACKEND") == "mpi":
@@ -179,7 +196,7 @@ def main(workdir: str | None = None) -> int:
         sys.exit("usage: python -m ringtrain.worker WORKDIR (started by a ringtrain task agent)")
     import cloudpickle
 
-    from ..launcher.agent import PAYLOAD_FILE, error_file, result_file
+    from ..launcher.agent import PAYLOAD_FILE, error_file
 
     die_with_parent()
     tune_malloc()
@@ -189,10 +206,11 @@ def main(workdir: str | None = None) -> int:
     try:
         _join_backend()
         task = cloudpickle.loads(Path(workdir, PAYLOAD_FILE).read_bytes())
-        result = task()
-        _write_atomic(result_file(workdir, rank), cloudpickle.dumps(result))
+        _finish(workdir, rank, cloudpickle.dumps(task()))
     except SystemExit as stop:
-        if stop.code not in (0, None):
+        if stop.code in (0, None):
+            _finish(workdir, rank, cloudpickle.dumps(None))
+        else:
             # Exit statuses are one byte; keep a failure a failure.
             code = stop.code if isinstance(stop.code, int) and 0 < stop.code < 256 else 1
             _write_atomic(error_file(workdir, rank), f"SystemExit: {stop.code}\n".encode())

@@ -130,3 +130,27 @@ def test_rank_outside_worker_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(ringtrain.RingtrainError, match="only inside a ringtrain worker"):
         ringtrain.rank()
+
+
+def _peer_still_alive(pidfile):
+    from pathlib import Path
+
+    if ringtrain.rank() == 1:
+        Path(pidfile).write_text(str(os.getpid()))
+        return None  # done at once
+    deadline = time.monotonic() + 30
+    while not Path(pidfile).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    pid = Path(pidfile).read_text()
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_finished_ranks_wait_until_every_rank_has_a_result(tmp_path):
+    # A rank that has returned must not exit yet: a TF peer may still be pulling the last
+    # collective's buffers from its gRPC server.
+    assert ringtrain.run(_peer_still_alive, str(tmp_path / "pid"), num_proc=2, backend="tf") is True
