@@ -147,8 +147,7 @@ class _Supervisor:
             self._drain()
             return self.results
         except BaseException:
-            if not (self.failures or self.backend_failure):
-                self._stop("the driver is stopping the job")
+            self._stop("the driver is stopping the job")  # a no-op if already stopped
             raise
         finally:
             self.barrier.cancel()
