@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ringtrain import fusion
+from ringtrain import fusion, progress
 from ringtrain.backends.mpi import mpi_module, world
 from ringtrain.errors import BackendError, ConfigError
 
@@ -98,7 +98,7 @@ def fused_allreduce(
 ) -> list[np.ndarray]:
     """Allreduce ``arrays`` bucket by bucket: pack, one MPI Allreduce, unpack with 1/size fused in."""
     MPI = mpi_module()
-    with _lock:
+    with _lock, progress.collective(what):
         comm, _, size = comm_info()
         # Validate only after the check: a rank that raised alone would leave the others hanging.
         check(comm, Call(what, op_name(op), tuple(spec_of(a) for a in arrays)))
@@ -160,7 +160,7 @@ def _reduce_bucket(
 
 def allgather(array: np.ndarray, what: str = "allgather") -> np.ndarray:
     MPI = mpi_module()
-    with _lock:
+    with _lock, progress.collective(what):
         comm, _, _ = comm_info()
         call = Call(what, "-", (spec_of(array),), free_first_dim=True)
         first = int(array.shape[0]) if array.ndim else -1
@@ -186,7 +186,7 @@ def allgather(array: np.ndarray, what: str = "allgather") -> np.ndarray:
 def broadcast(arrays: Sequence[np.ndarray], root_rank: int, what: str) -> list[np.ndarray]:
     """Broadcast ``arrays`` from ``root_rank``, fused into buckets; returns fresh arrays."""
     MPI = mpi_module()
-    with _lock:
+    with _lock, progress.collective(what):
         comm, _, size = comm_info()
         check(comm, Call(what, "-", tuple(spec_of(a) for a in arrays), root=root_rank))
         if (
