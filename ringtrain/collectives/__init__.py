@@ -33,8 +33,9 @@ import numpy as np
 
 from ringtrain.errors import ConfigError
 
-from . import _engine
+from . import _engine, _join, _more, _tfops
 from ._convert import NUMPY, from_numpy, to_numpy
+from ._more import cross_rank, cross_size, is_homogeneous
 from ._ops import Average, Max, Min, ReduceOp, Sum
 from ._tf import reduce_gradients
 
@@ -47,10 +48,16 @@ __all__ = [
     "Sum",
     "allgather",
     "allreduce",
+    "alltoall",
+    "barrier",
     "broadcast",
     "broadcast_variables",
     "call_counts",
+    "cross_rank",
+    "cross_size",
     "grouped_allreduce",
+    "is_homogeneous",
+    "join",
 ]
 
 logger = logging.getLogger(__name__)
@@ -60,25 +67,56 @@ def _what(base: str, name: str | None) -> str:
     return f"{base}({name})" if name else base
 
 
-def allreduce(tensor: Any, op: ReduceOp = Average, name: str | None = None) -> Any:
+def allreduce(
+    tensor: Any,
+    op: ReduceOp = Average,
+    name: str | None = None,
+    compression: str | None = None,
+    prescale_factor: float = 1.0,
+    postscale_factor: float = 1.0,
+) -> Any:
     """Reduce ``tensor`` across all ranks with ``op``; every rank gets the result.
+
+    ``prescale_factor`` multiplies each rank's input before the reduction and
+    ``postscale_factor`` the result after it (Average's 1/size comes on top); every
+    rank must pass the same factors. ``compression="fp16"``/``"bf16"`` sends float32
+    data as 16-bit floats. Works eagerly and inside ``tf.function`` (TF inputs give
+    TF results, with gradients).
 
     >>> ringtrain.allreduce(np.array([1.0, 2.0], np.float32))  # mean over ranks
     """
-    array, kind = to_numpy(tensor, "allreduce")
-    (result,) = _engine.fused_allreduce([array], op, _what("allreduce", name))
-    return from_numpy(result, kind)
+    what = _what("allreduce", name)
+    (result,) = _reduce_many([tensor], op, what, compression, prescale_factor, postscale_factor)
+    return result
 
 
-def grouped_allreduce(tensors: Sequence[Any], op: ReduceOp = Average, name: str | None = None) -> list[Any]:
+def grouped_allreduce(
+    tensors: Sequence[Any],
+    op: ReduceOp = Average,
+    name: str | None = None,
+    compression: str | None = None,
+    prescale_factor: float = 1.0,
+    postscale_factor: float = 1.0,
+) -> list[Any]:
     """Allreduce many tensors at once: fused into buckets, one MPI call per bucket.
 
     Bucket size is ``RINGTRAIN_FUSION_THRESHOLD`` (default 128 MiB); tensors of one
-    dtype share buckets. Results keep the input order, kinds and dtypes.
+    dtype share buckets. Results keep the input order, kinds and dtypes. Options as
+    for :func:`allreduce`.
     """
     what = _what("grouped_allreduce", name)
+    return _reduce_many(list(tensors), op, what, compression, prescale_factor, postscale_factor)
+
+
+def _reduce_many(
+    tensors: list[Any], op: ReduceOp, what: str, compression: str | None, prescale: Any, postscale: Any
+) -> list[Any]:
+    pre = _more.check_factor(prescale, "prescale_factor")
+    post = _more.check_factor(postscale, "postscale_factor")
+    if _tfops.wants_tf(*tensors):
+        return _tfops.grouped_allreduce(tensors, op, what, compression, pre, post)
     converted = [to_numpy(t, what) for t in tensors]
-    results = _engine.fused_allreduce([a for a, _ in converted], op, what)
+    results = _tfops.reduce_arrays([a for a, _ in converted], op, what, compression, pre, post)
     return [from_numpy(r, k) for r, (_, k) in zip(results, converted, strict=True)]
 
 
@@ -87,24 +125,52 @@ def allgather(tensor: Any, name: str | None = None) -> Any:
 
     First dimensions may differ across ranks; the other dimensions and the dtype must not.
     """
-    array, kind = to_numpy(tensor, "allgather")
-    return from_numpy(_engine.allgather(array, _what("allgather", name)), kind)
+    what = _what("allgather", name)
+    if _tfops.wants_tf(tensor):
+        return _tfops.allgather(tensor, what)
+    array, kind = to_numpy(tensor, what)
+    return from_numpy(_engine.allgather(array, what), kind)
 
 
 def broadcast(tensor: Any, root_rank: int = 0, name: str | None = None) -> Any:
     """Return ``root_rank``'s ``tensor`` on every rank (shapes and dtypes must agree)."""
-    array, kind = to_numpy(tensor, "broadcast")
-    (result,) = _engine.broadcast([array], root_rank, _what("broadcast", name))
+    what = _what("broadcast", name)
+    if _tfops.wants_tf(tensor):
+        return _tfops.broadcast(tensor, root_rank, what)
+    array, kind = to_numpy(tensor, what)
+    (result,) = _engine.broadcast([array], root_rank, what)
     return from_numpy(result, kind)
 
 
-def broadcast_variables(variables: Sequence[Any], root_rank: int = 0) -> None:
+def alltoall(tensor: Any, splits: Any = None, name: str | None = None) -> tuple[Any, Any]:
+    """Send ``splits[j]`` rows (axis 0) of ``tensor`` to rank j; gather what every rank sent here.
+
+    Returns ``(received, received_splits)``: the rows from every rank concatenated in
+    rank order, and how many came from each. Without ``splits`` axis 0 is divided
+    evenly (it must be a multiple of the world size). Dimensions after the first
+    and the dtype must agree across ranks.
+
+    >>> out, counts = ringtrain.alltoall(np.arange(4.0), splits=[1, 3])
+    """
+    what = _what("alltoall", name)
+    if _tfops.wants_tf(tensor):
+        return _tfops.alltoall(tensor, splits, what)
+    array, kind = to_numpy(tensor, what)
+    out, received = _more.alltoall(array, splits, what)
+    return from_numpy(out, kind), received
+
+
+def broadcast_variables(variables: Sequence[Any], root_rank: int = 0) -> Any:
     """Overwrite ``variables`` in place with ``root_rank``'s values (fused, one Bcast per bucket).
 
     Takes tf.Variables, Keras variables (anything with ``assign``) or writable numpy arrays.
     Call it once after the model and optimizer are built, so every rank starts alike.
+    Inside a ``tf.function`` it adds one broadcast op and the assigns, and returns
+    them grouped; eagerly it returns None.
     """
     variables = list(variables)
+    if _tfops.wants_tf() and variables:  # inside a tf.function
+        return _tfops.broadcast_variables(variables, root_rank)
     converted = [to_numpy(v, "broadcast_variables") for v in variables]
     results = _engine.broadcast([a for a, _ in converted], root_rank, "broadcast_variables")
     for var, (_, kind), value in zip(variables, converted, results, strict=True):
@@ -116,6 +182,34 @@ def broadcast_variables(variables: Sequence[Any], root_rank: int = 0) -> None:
             np.copyto(var, value)
         else:
             var.assign(value)
+    return None
+
+
+def barrier() -> None:
+    """Return once every rank has called ``barrier()`` (ranks inside :func:`join` count as arrived)."""
+    if _tfops.wants_tf():  # inside a tf.function: a stateful op, kept in program order
+        return _tfops.barrier()
+    _more.barrier()
+    return None
+
+
+def join() -> int:
+    """Say this rank is out of data; serve the other ranks' allreduces until every rank has joined.
+
+    While it waits, this rank adds zeros to the others' Sum/Average allreduces (Average
+    still divides by the world size) and neutral values to Min/Max. Returns the rank
+    that joined last. A broadcast, allgather or alltoall while some rank has joined
+    raises ConfigError on every rank. Inside a ``tf.function`` it returns an int32 tensor.
+
+    Example::
+
+        for x, y in my_shard:         # shards differ in length across ranks
+            train_step(x, y)
+        ringtrain.join()
+    """
+    if _tfops.wants_tf():
+        return _tfops.join()
+    return _join.join()
 
 
 def call_counts() -> dict[str, int]:

@@ -18,6 +18,7 @@ from ringtrain import fusion, progress
 from ringtrain.backends.mpi import mpi_module, world
 from ringtrain.errors import BackendError, ConfigError
 
+from . import _join
 from ._convert import HALF, check_reducible
 from ._ops import ReduceOp, op_name
 from ._signature import Call, mismatch_message, signature, spec_of
@@ -65,14 +66,20 @@ def check(comm: Any, call: Call, extra: int = 0) -> np.ndarray:
     """Allgather ``[signature, extra]`` from every rank; raise on every rank if signatures differ.
 
     Returns the gathered ``(size, 2)`` int64 array (column 1 holds each rank's ``extra``).
+    Ranks that have called :func:`ringtrain.join` answer with a "join" signature; the
+    call goes ahead when they can serve it (see :mod:`._join`).
     """
+    replayed = _join.replayed_check()
+    if replayed is not None:  # a joined rank re-running this call: the check already happened
+        return replayed
     mine = np.array([signature(call), extra], dtype=np.int64)
     gathered = np.empty((comm.Get_size(), 2), dtype=np.int64)
     comm.Allgather(mine, gathered)
     CALLS["Allgather"] += 1
     if (gathered[:, 0] != mine[0]).any():
         calls = comm.allgather(call)  # small metadata only, never tensor data
-        raise BackendError(mismatch_message(calls, comm.Get_rank()))
+        if not _join.joined_ranks_serve(calls, comm.Get_rank()):
+            raise BackendError(mismatch_message(calls, comm.Get_rank()))
     return gathered
 
 
@@ -101,7 +108,7 @@ def fused_allreduce(
     with _lock, progress.collective(what):
         comm, _, size = comm_info()
         # Validate only after the check: a rank that raised alone would leave the others hanging.
-        check(comm, Call(what, op_name(op), tuple(spec_of(a) for a in arrays)))
+        check(comm, Call(what, op_name(op), tuple(spec_of(a) for a in arrays), compression=compression))
         if not isinstance(op, ReduceOp):
             raise ConfigError(f"{what}: op must be ringtrain.Average, Sum, Min or Max, got {op!r}")
         if compression not in fusion.COMPRESSIONS:

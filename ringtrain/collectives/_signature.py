@@ -26,12 +26,13 @@ class Call:
     specs: tuple[Spec, ...]
     root: int | None = None
     free_first_dim: bool = False  # allgather: the first dimension may differ across ranks
+    compression: str | None = None  # allreduce: the wire format ("fp16", "bf16") of float32 buckets
 
     def comparable(self) -> tuple:
         specs = self.specs
         if self.free_first_dim:
             specs = tuple((shape[1:], dtype) for shape, dtype in specs)
-        return (self.what, self.op, self.root, specs)
+        return (self.what, self.op, self.root, specs, self.compression)
 
 
 def spec_of(array: np.ndarray) -> Spec:
@@ -59,6 +60,8 @@ def _difference(call: Call, ref: Call, rank: int) -> str | None:
         return f"rank {rank} uses op {call.op} but rank 0 uses {ref.op}"
     if call.root != ref.root:
         return f"rank {rank} uses root_rank={call.root} but rank 0 uses root_rank={ref.root}"
+    if call.compression != ref.compression:
+        return f"rank {rank} uses compression={call.compression!r} but rank 0 uses {ref.compression!r}"
     if len(call.specs) != len(ref.specs):
         return f"rank {rank} passes {len(call.specs)} tensors but rank 0 passes {len(ref.specs)}"
     single = len(call.specs) == 1
@@ -90,7 +93,7 @@ def mismatch_message(calls: list[Call], me: int, limit: int = 4) -> str:
     need = (
         "equal dtypes and equal shapes after the first dimension"
         if ref.free_first_dim
-        else "the same tensors (shapes and dtypes, in the same order), op and root"
+        else "the same tensors (shapes and dtypes, in the same order), op, root and compression"
     )
     return (
         f"{ref.what}: " + "; ".join(diffs[:limit]) + more + f" (raised on rank {me}). "
