@@ -4,6 +4,8 @@
 * ``BroadcastGlobalVariablesCallback`` makes every rank start from rank 0's weights
   and optimizer state.
 * ``MetricAverageCallback`` averages the epoch-end logs across ranks.
+* ``LearningRateScheduleCallback``/``LearningRateWarmupCallback`` set the learning rate
+  by epoch (Horovod's semantics); ``BestModelCheckpoint`` keeps the best model, saved by rank 0.
 
 Works with Keras 3 (``import keras``) and tf-keras (``TF_USE_LEGACY_KERAS=1``,
 ``tf.keras``). Limits: the train step is a ``tf.function`` and the optimizer calls MPI
@@ -33,15 +35,24 @@ from ringtrain.collectives import Average, ReduceOp, broadcast_variables, groupe
 from ringtrain.collectives._tf import reduce_gradients
 from ringtrain.errors import ConfigError
 
-__all__ = ["BroadcastGlobalVariablesCallback", "DistributedOptimizer", "MetricAverageCallback"]
+from . import _aggregate, _callbacks
+
+__all__ = [
+    "BestModelCheckpoint",
+    "BroadcastGlobalVariablesCallback",
+    "DistributedOptimizer",
+    "LearningRateScheduleCallback",
+    "LearningRateWarmupCallback",
+    "MetricAverageCallback",
+]
 
 logger = logging.getLogger(__name__)
 
 
-def _is_keras3_optimizer(optimizer: Any) -> bool:
+def _is_keras3_optimizer_class(cls: type) -> bool:
     keras = sys.modules.get("keras")
     base = getattr(getattr(keras, "optimizers", None), "Optimizer", None)
-    return base is not None and isinstance(optimizer, base) and hasattr(optimizer, "apply")
+    return base is not None and issubclass(cls, base) and hasattr(cls, "apply")
 
 
 def _check_no_xla() -> None:
@@ -58,7 +69,14 @@ def _check_no_xla() -> None:
         )
 
 
-def DistributedOptimizer(optimizer: Any, op: ReduceOp = Average, compression: str | None = None) -> Any:  # noqa: N802
+def DistributedOptimizer(  # noqa: N802
+    optimizer: Any,
+    op: ReduceOp = Average,
+    compression: str | None = None,
+    backward_passes_per_step: int = 1,
+    average_aggregated_gradients: bool = False,
+    gradient_predivide_factor: float = 1.0,
+) -> Any:
     """Return a copy of ``optimizer`` whose updates use gradients allreduced across ranks.
 
     The copy is an instance of a subclass of the optimizer's own class, built from its
@@ -66,39 +84,97 @@ def DistributedOptimizer(optimizer: Any, op: ReduceOp = Average, compression: st
     ``apply_gradients``. Gradients go through one fused allreduce per step (one MPI
     call per bucket), in the order the optimizer receives them, which Keras keeps
     identical on every rank. ``compression="fp16"``/``"bf16"`` halves the bytes sent.
+
+    ``backward_passes_per_step=N`` sums gradients locally over N steps and allreduces
+    and applies the sum on every N-th step (divided by N with
+    ``average_aggregated_gradients=True``); the steps in between apply nothing.
+    ``gradient_predivide_factor=f`` (op Average only) scales gradients by 1/f before
+    the sum and by f/size after it, as Horovod does.
+    """
+    cls = distributed_class(
+        type(optimizer),
+        op,
+        compression,
+        backward_passes_per_step,
+        average_aggregated_gradients,
+        gradient_predivide_factor,
+    )
+    if cls is type(optimizer):
+        return optimizer
+    return cls.from_config(optimizer.get_config())
+
+
+def distributed_class(
+    base: type,
+    op: ReduceOp = Average,
+    compression: str | None = None,
+    backward_passes_per_step: int = 1,
+    average_aggregated_gradients: bool = False,
+    gradient_predivide_factor: float = 1.0,
+) -> type:
+    """The subclass of optimizer class ``base`` that :func:`DistributedOptimizer` instantiates.
+
+    Keras deserialisation can build it from a saved config directly (``from_config``),
+    which is how a saved model's optimizer state is restored into a distributed one.
     """
     if not isinstance(op, ReduceOp):
         raise ConfigError(f"op must be ringtrain.Average, Sum, Min or Max, got {op!r}")
     if compression not in (None, "fp16", "bf16"):
         raise ConfigError(f"compression={compression!r} is not supported; use None, 'fp16' or 'bf16'")
-    base = type(optimizer)
+    passes = _aggregate.check_passes(backward_passes_per_step)
+    predivide = float(gradient_predivide_factor)
+    if predivide != 1.0 and op is not Average:
+        raise ConfigError(f"gradient_predivide_factor={predivide} needs op=Average, got {op!r}")
     if getattr(base, "_ringtrain_distributed", False):
-        return optimizer
+        return base
 
     def reduce(grads: list[Any]) -> list[Any]:
         _check_no_xla()
-        return reduce_gradients(grads, op, compression, "DistributedOptimizer")
+        if predivide == 1.0:
+            return reduce_gradients(grads, op, compression, "DistributedOptimizer")
+        scaled = [None if g is None else _to_dense(g) / predivide for g in grads]
+        reduced = reduce_gradients(scaled, op, compression, "DistributedOptimizer")
+        return [None if g is None else g * predivide for g in reduced]
 
-    if _is_keras3_optimizer(optimizer):
+    def aggregated(self: Any, grads: list[Any], variables: Any, apply_reduced: Any) -> Any:
+        return _aggregate.step(
+            self, grads, variables, passes, average_aggregated_gradients, lambda g: apply_reduced(reduce(g))
+        )
+
+    if _is_keras3_optimizer_class(base):
 
         def apply(self: Any, grads: Any, trainable_variables: Any = None) -> Any:
             # apply_gradients() calls apply(), so this one override covers both.
-            return base.apply(self, reduce(list(grads)), trainable_variables)
+            if passes == 1:
+                return base.apply(self, reduce(list(grads)), trainable_variables)
+            variables = self._trainable_variables if trainable_variables is None else trainable_variables
+            return aggregated(
+                self, list(grads), list(variables), lambda g: base.apply(self, g, trainable_variables)
+            )
 
         methods = {"apply": apply}
     else:  # tf-keras (TF_USE_LEGACY_KERAS=1) optimizers funnel updates through apply_gradients
 
         def apply_gradients(self: Any, grads_and_vars: Any, *args: Any, **kwargs: Any) -> Any:
             pairs = list(grads_and_vars)
-            grads = reduce([g for g, _ in pairs])
-            return base.apply_gradients(
-                self, list(zip(grads, [v for _, v in pairs], strict=True)), *args, **kwargs
-            )
+            variables = [v for _, v in pairs]
+
+            def apply_reduced(grads: list[Any]) -> Any:
+                return base.apply_gradients(self, list(zip(grads, variables, strict=True)), *args, **kwargs)
+
+            if passes == 1:
+                return apply_reduced(reduce([g for g, _ in pairs]))
+            return aggregated(self, [g for g, _ in pairs], variables, apply_reduced)
 
         methods = {"apply_gradients": apply_gradients}
     methods["_ringtrain_distributed"] = True
-    cls = type(base.__name__, (base,), methods)
-    return cls.from_config(optimizer.get_config())
+    return type(base.__name__, (base,), methods)
+
+
+def _to_dense(grad: Any) -> Any:
+    import tensorflow as tf
+
+    return tf.convert_to_tensor(grad)
 
 
 def _variables(optimizer: Any) -> list[Any]:
@@ -109,9 +185,10 @@ def _variables(optimizer: Any) -> list[Any]:
 class _BroadcastMixin:
     """Broadcasts model weights and optimizer state from ``root_rank`` at the start of training."""
 
-    def __init__(self, root_rank: int = 0) -> None:
+    def __init__(self, root_rank: int = 0, local_variables: Any = None) -> None:
         super().__init__()
         self.root_rank = root_rank
+        self._local = {id(v) for v in (local_variables or [])}  # left as each rank has them
         self._done = False
 
     def on_train_begin(self, logs: Any = None) -> None:
@@ -125,6 +202,7 @@ class _BroadcastMixin:
             if not getattr(optimizer, "built", True) or not _variables(optimizer):
                 optimizer.build(model.trainable_variables)
             variables += _variables(optimizer)
+        variables = [v for v in variables if id(v) not in self._local]
         broadcast_variables(variables, root_rank=self.root_rank)
         logger.debug("broadcast %d variables from rank %d", len(variables), self.root_rank)
         self._done = True
@@ -149,11 +227,16 @@ def _no_batch_hooks(self: Any) -> bool:
     return False
 
 
+def _train_batch_hooks(self: Any) -> bool:
+    return True
+
+
 _LEGACY_HOOKS = {
     "_implements_train_batch_hooks": _no_batch_hooks,
     "_implements_test_batch_hooks": _no_batch_hooks,
     "_implements_predict_batch_hooks": _no_batch_hooks,
 }
+_BATCH_HOOKS = dict(_LEGACY_HOOKS, _implements_train_batch_hooks=_train_batch_hooks)
 
 _DOCS = {
     "BroadcastGlobalVariablesCallback": (
@@ -167,6 +250,8 @@ _DOCS = {
         "Callback: average numeric epoch-end logs (loss, metrics) across ranks.\n\n"
         "List it before callbacks that read the logs (checkpointing, early stopping).",
     ),
+    "LearningRateScheduleCallback": (_callbacks.LearningRateScheduleMixin, None),
+    "LearningRateWarmupCallback": (_callbacks.LearningRateWarmupMixin, None),
 }
 _classes: dict[str, type] = {}
 
@@ -175,7 +260,8 @@ def _build(name: str) -> type:
     import keras  # Keras 3; its Callback base works in tf-keras fits too, given _LEGACY_HOOKS
 
     mixin, doc = _DOCS[name]
-    attrs = dict(_LEGACY_HOOKS, __doc__=doc, __module__=__name__)
+    hooks = _BATCH_HOOKS if name.startswith("LearningRate") else _LEGACY_HOOKS
+    attrs = dict(hooks, __doc__=doc or mixin.__doc__, __module__=__name__)
     return type(name, (mixin, keras.callbacks.Callback), attrs)
 
 
@@ -184,4 +270,8 @@ def __getattr__(name: str) -> Any:  # PEP 562: build the Keras classes only when
         if name not in _classes:
             _classes[name] = _build(name)
         return _classes[name]
+    if name == "BestModelCheckpoint":
+        import keras
+
+        return _callbacks.best_model_checkpoint_class(keras.callbacks.ModelCheckpoint)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
