@@ -183,7 +183,11 @@ def _variables(optimizer: Any) -> list[Any]:
 
 
 class _BroadcastMixin:
-    """Broadcasts model weights and optimizer state from ``root_rank`` at the start of training."""
+    """Broadcasts model weights and optimizer state from ``root_rank`` at the start of training.
+
+    A model without weights yet (a Sequential with no input shape, in tf-keras) gets
+    them in its first step, so it is broadcast right after that step, as Horovod does.
+    """
 
     def __init__(self, root_rank: int = 0, local_variables: Any = None) -> None:
         super().__init__()
@@ -192,8 +196,17 @@ class _BroadcastMixin:
         self._done = False
 
     def on_train_begin(self, logs: Any = None) -> None:
-        if self._done:
-            return
+        if not self._done and getattr(self.model, "built", True):
+            self._broadcast()
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        if not self._done:
+            self._broadcast()
+
+    def _implements_train_batch_hooks(self) -> bool:  # tf-keras calls batch hooks only if asked
+        return not self._done and not getattr(self.model, "built", True)
+
+    def _broadcast(self) -> None:
         model = self.model
         optimizer = getattr(model, "optimizer", None)
         variables = list(model.variables)
@@ -261,6 +274,7 @@ def _build(name: str) -> type:
 
     mixin, doc = _DOCS[name]
     hooks = _BATCH_HOOKS if name.startswith("LearningRate") else _LEGACY_HOOKS
+    hooks = {k: v for k, v in hooks.items() if not hasattr(mixin, k)}  # the mixin's own answer wins
     attrs = dict(hooks, __doc__=doc or mixin.__doc__, __module__=__name__)
     return type(name, (mixin, keras.callbacks.Callback), attrs)
 
