@@ -14,7 +14,7 @@ import numpy as np
 
 from ringtrain import context, progress
 from ringtrain.backends.mpi import mpi_module
-from ringtrain.errors import ConfigError
+from ringtrain.errors import ConfigError, RingtrainError
 
 from . import _engine
 from ._convert import HALF
@@ -46,13 +46,24 @@ def cross_placement(
     return peers.index(rank), len(peers), len(set(local_sizes)) == 1
 
 
+def local_placement() -> tuple[int, int]:
+    """``(local_rank, local_size)``; a lone process outside any launcher (``python script.py``) is (0, 1)."""
+    try:
+        return context.local_rank(), context.local_size()
+    except RingtrainError:
+        if _engine.comm_info()[2] == 1:
+            return 0, 1
+        raise
+
+
 def _placement() -> tuple[int, int, bool]:
     global _cross
     with _cross_lock:
         if _cross is None:
             with _engine._lock, progress.collective("cross_ranks"):
                 comm, rank, _ = _engine.comm_info()
-                packed = (context.local_rank() << 32) | context.local_size()
+                local_rank, local_size = local_placement()
+                packed = (local_rank << 32) | local_size
                 gathered = _engine.check(comm, Call("cross_ranks", "-", ()), extra=packed)[:, 1]
             _cross = cross_placement((gathered >> 32).tolist(), (gathered & 0xFFFFFFFF).tolist(), rank)
         return _cross

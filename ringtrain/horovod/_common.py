@@ -14,7 +14,6 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from ringtrain import context
 from ringtrain.backends.mpi import mpi_module, world
 from ringtrain.collectives import _more
 from ringtrain.collectives._ops import Average, Max, Min, ReduceOp, Sum
@@ -260,13 +259,13 @@ def rank() -> int:
 def local_size() -> int:
     """Number of ranks on this host."""
     require_init("local_size()")
-    return context.local_size()
+    return _more.local_placement()[1]
 
 
 def local_rank() -> int:
     """This rank's index among the ranks on its host."""
     require_init("local_rank()")
-    return context.local_rank()
+    return _more.local_placement()[0]
 
 
 def cross_size() -> int:

@@ -105,7 +105,11 @@ def load_model(
         raise ConfigError("load_model: use hvd.Compression.none or hvd.Compression.fp16")
     source = keras.optimizers.legacy if legacy_opts else keras.optimizers
     classes = _optimizer_classes(source, source.Optimizer) + list(custom_optimizers or [])
-    objects: dict[str, Any] = {c.__name__: _rk.distributed_class(c, compression=wire) for c in classes}
+    objects: dict[str, Any] = {}
+    for cls in classes:
+        distributed = _rk.distributed_class(cls, compression=wire)
+        # tf-keras looks built-in optimizers up by their lower-cased names
+        objects[cls.__name__] = objects[cls.__name__.lower()] = distributed
     objects.update(custom_objects or {})
     return keras.models.load_model(filepath, custom_objects=objects)
 
