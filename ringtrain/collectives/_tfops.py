@@ -153,59 +153,52 @@ def allreduce(
 # ------------------------------------------------------------------ allgather, broadcast, alltoall
 
 
+def _differentiated(x: Any, forward: Callable[[Any], Any], backward: Callable[[Any, Any], Any]) -> Any:
+    """``forward(x)``, with ``backward(x, dy)`` as its gradient when ``x`` is a float tensor."""
+    tf = _tf()
+    if not x.dtype.is_floating:
+        return forward(x)
+
+    @tf.custom_gradient
+    def with_gradient(t: Any) -> Any:
+        return forward(t), lambda dy: backward(t, dy)
+
+    return with_gradient(x)
+
+
 def allgather(tensor: Any, what: str = "allgather") -> Any:
     """Concatenate every rank's tensor along axis 0; the gradient is this rank's slice of the averaged one."""
     tf = _tf()
-    x = _tensor(tensor)
 
     def forward(t: Any) -> Any:
         (out,) = _run(lambda a: [_engine.allgather(a, what)], [t], [t.dtype], what)
         out.set_shape(tf.TensorShape([None]).concatenate(t.shape[1:]))
         return out
 
-    if not x.dtype.is_floating:
-        return forward(x)
+    def backward(t: Any, dy: Any) -> Any:
+        reduced = allreduce(dy, Average, f"{what}.grad")
+        firsts = allgather(tf.reshape(tf.shape(t, out_type=tf.int64)[0], [1]), f"{what}.grad_dims")
+        me = _engine.comm_info()[1]
+        start = tf.reduce_sum(firsts[:me])
+        return reduced[start : start + firsts[me]]
 
-    @tf.custom_gradient
-    def with_gradient(t: Any) -> Any:
-        out = forward(t)
-
-        def gradient(dy: Any) -> Any:
-            reduced = allreduce(dy, Average, f"{what}.grad")
-            firsts = allgather(tf.reshape(tf.shape(t, out_type=tf.int64)[0], [1]), f"{what}.grad_dims")
-            me = _engine.comm_info()[1]
-            start = tf.reduce_sum(firsts[:me])
-            return reduced[start : start + firsts[me]]
-
-        return out, gradient
-
-    return with_gradient(x)
+    return _differentiated(_tensor(tensor), forward, backward)
 
 
 def broadcast(tensor: Any, root_rank: int, what: str = "broadcast") -> Any:
     """Root's tensor on every rank; gradient: the averaged upstream one on the root, zeros elsewhere."""
     tf = _tf()
-    x = _tensor(tensor)
 
     def forward(t: Any) -> Any:
         (out,) = _run(lambda a: _engine.broadcast([a], root_rank, what), [t], [t.dtype], what)
         out.set_shape(t.shape)
         return out
 
-    if not x.dtype.is_floating:
-        return forward(x)
+    def backward(t: Any, dy: Any) -> Any:
+        reduced = allreduce(dy, Average, f"{what}.grad")
+        return reduced if _engine.comm_info()[1] == root_rank else tf.zeros_like(reduced)
 
-    @tf.custom_gradient
-    def with_gradient(t: Any) -> Any:
-        out = forward(t)
-
-        def gradient(dy: Any) -> Any:
-            reduced = allreduce(dy, Average, f"{what}.grad")
-            return reduced if _engine.comm_info()[1] == root_rank else tf.zeros_like(reduced)
-
-        return out, gradient
-
-    return with_gradient(x)
+    return _differentiated(_tensor(tensor), forward, backward)
 
 
 def broadcast_variables(variables: Sequence[Any], root_rank: int, what: str = "broadcast_variables") -> Any:
