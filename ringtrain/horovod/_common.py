@@ -17,7 +17,7 @@ from typing import Any
 from ringtrain.backends.mpi import mpi_module, world
 from ringtrain.collectives import _more
 from ringtrain.collectives._ops import Average, Max, Min, ReduceOp, Sum
-from ringtrain.errors import ConfigError
+from ringtrain.errors import BackendError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,13 @@ def init(comm: Any = None, process_sets: Any = None) -> None:
     if process_sets is not None and not (isinstance(process_sets, str) and process_sets.lower() == "dynamic"):
         for ps in process_sets:
             check_process_set(ps, "init")
-    world()
+    try:
+        world()
+    except BackendError as err:
+        raise BackendError(
+            f"ringtrain.horovod needs the job's MPI world: run with `ringtrain launch --backend mpi`, "
+            f"ringtrain.run(..., backend='mpi'), ringtrain.horovod.spark.run or mpiexec ({err})"
+        ) from err
     _more.prepare_cross_ranks()  # a collective: every rank calls init()
     with _state_lock:
         _initialized = True

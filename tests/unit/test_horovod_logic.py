@@ -310,3 +310,17 @@ def test_steps_per_epoch_comes_from_fit_parameters_or_an_error():
     callback.params = {}
     with pytest.raises(ringtrain.ConfigError, match="steps_per_epoch"):
         callback.on_train_begin()
+
+
+def test_init_outside_an_mpi_job_says_how_to_start_one():
+    import subprocess
+    import sys
+
+    code = (
+        "import ringtrain, ringtrain.horovod._common as c\n"
+        "try:\n    c.init()\nexcept ringtrain.BackendError as e:\n    print('ERR', e)\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_SIZE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert "ERR ringtrain.horovod needs the job's MPI world" in done.stdout, done.stdout + done.stderr
+    assert "--backend mpi" in done.stdout and "SIZE=2 but the MPI world has 1 process" in done.stdout

@@ -1,29 +1,23 @@
-"""``hvd.callbacks`` for standalone ``keras``; ``BestModelCheckpoint`` builds on keras' ModelCheckpoint."""
+"""``hvd.callbacks`` for standalone ``keras``: BroadcastGlobalVariablesCallback, MetricAverageCallback,
+LearningRateScheduleCallback, LearningRateWarmupCallback and BestModelCheckpoint.
+
+The classes are built on ``keras.callbacks`` when first used.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .._keras_callbacks import (
-    BroadcastGlobalVariablesCallback,
-    LearningRateScheduleCallback,
-    LearningRateWarmupCallback,
-    MetricAverageCallback,
-    best_model_checkpoint_class,
-)
-
-# BestModelCheckpoint is built on first use (module __getattr__), so it is not listed here.
-__all__ = [
-    "BroadcastGlobalVariablesCallback",
-    "LearningRateScheduleCallback",
-    "LearningRateWarmupCallback",
-    "MetricAverageCallback",
-]
+from .._keras_callbacks import NAMES, callback_class
 
 
 def __getattr__(name: str) -> Any:
-    if name == "BestModelCheckpoint":
+    if name in NAMES:
         import keras
 
-        return best_model_checkpoint_class(keras.callbacks.ModelCheckpoint)
+        return callback_class(name, keras.callbacks, __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(NAMES)

@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ringtrain.api import run as _ringtrain_run
+import ringtrain
 from ringtrain.errors import ConfigError
 
 __all__ = ["run"]
@@ -101,7 +101,7 @@ def run(
     if start_timeout is not None:
         os.environ["RINGTRAIN_START_TIMEOUT"] = str(start_timeout)
     try:
-        return _ringtrain_run(target, *args, num_proc=num_proc, backend="mpi", return_all=True, **kwargs)
+        return ringtrain.run(target, *args, num_proc=num_proc, backend="mpi", return_all=True, **kwargs)
     finally:
         if start_timeout is not None:
             if previous is None:
