@@ -70,6 +70,10 @@ def step(
 
     if passes == 1:
         return sync(list(grads))
+    if getattr(optimizer, "built", None) is False:
+        # Keras 3 builds its slots on first apply; inside tf.cond's branch they would come out
+        # without values, so build them here (tf-keras lifts its own into an init scope).
+        optimizer.build(variables)
     sums = optimizer.__dict__.get(_ATTR)
     if sums is None or len(sums.sums) != len(variables):
         sums = _Sums(variables)

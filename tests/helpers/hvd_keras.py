@@ -92,6 +92,22 @@ for average in (True, False):
     iterations = int(np.asarray(model.optimizer.iterations))
     check(f"aggregation average={average} iterations", iterations == len(x) // batch, f"{iterations}")
 
+# Adam (slot variables) on a model whose weights appear only in its first step: the broadcast waits
+# for that step, and the aggregated update keeps every rank identical.
+keras.utils.set_random_seed(20 + me)
+model = keras.Sequential([keras.layers.Dense(4, activation="relu"), keras.layers.Dense(1)])
+opt = hvd.DistributedOptimizer(keras.optimizers.Adam(0.01), backward_passes_per_step=2)
+model.compile(optimizer=opt, loss="mse", jit_compile=False)
+model.fit(
+    x, y, batch_size=4, epochs=2, verbose=0, callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0)]
+)
+flat = np.concatenate([w.ravel() for w in model.get_weights()])
+check(
+    "unbuilt model with Adam",
+    all(np.array_equal(flat, other) for other in comm.allgather(flat)),
+    "weights differ",
+)
+
 # ------------------------------------------------------------------ learning-rate callbacks
 model = linear_model(1)
 model.compile(optimizer=hvd.DistributedOptimizer(keras.optimizers.SGD(0.4)), loss="mse", jit_compile=False)
