@@ -1,4 +1,5 @@
-"""Horovod-style collectives over MPI: allreduce, allgather, broadcast, DistributedGradientTape.
+"""Horovod-style collectives over MPI: allreduce, allgather, broadcast, alltoall, barrier, join,
+cross ranks and DistributedGradientTape.
 
 Run inside a ringtrain worker with ``backend="mpi"`` or under ``mpiexec -n N``.
 Every rank must call the same collectives in the same order with tensors of the
@@ -14,8 +15,10 @@ Numeric semantics:
   (``sum // size``), as :func:`ringtrain.fusion.unpack` documents.
 * float16/bfloat16 are summed in float32 (MPI has no half types), scaled in
   float32 and rounded once back, so an fp16 allreduce is as exact as its rounding.
-* ``compression="fp16"``/``"bf16"`` (gradient tape, optimizer) sends float32
-  buckets as 16-bit floats and sums them with a user-defined MPI op.
+* ``compression="fp16"``/``"bf16"`` sends float32 buckets as 16-bit floats and
+  sums them with a user-defined MPI op.
+* TF tensors and variables give TF results; inside ``tf.function`` every collective
+  is one stateful op, run in program order (see :mod:`._tfops`).
 
 Example (``mpiexec -n 2 python train.py``)::
 
