@@ -24,15 +24,19 @@ from .collectives import (
     broadcast_variables,
     grouped_allreduce,
 )
-from .context import is_chief, local_rank, local_size, rank, size
+from .context import is_chief, job_dir, local_rank, local_size, rank, restart_count, size
 from .errors import (
+    AgentLostError,
     BackendError,
     ChannelError,
     ConfigError,
+    InfrastructureError,
     JobTimeoutError,
     ResourceError,
     RingtrainError,
+    StallError,
     WorkerError,
+    WorkerLostError,
 )
 
 __version__ = "0.1.0"
@@ -49,18 +53,24 @@ __all__ = [
     "broadcast_variables",
     "grouped_allreduce",
     "keras",
+    "AgentLostError",
     "BackendError",
     "ChannelError",
     "ConfigError",
+    "InfrastructureError",
     "JobTimeoutError",
     "ResourceError",
     "RingtrainError",
+    "StallError",
     "WorkerError",
+    "WorkerLostError",
     "__version__",
     "is_chief",
+    "job_dir",
     "local_rank",
     "local_size",
     "rank",
+    "restart_count",
     "run",
     "size",
     "tf",

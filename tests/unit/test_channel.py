@@ -10,6 +10,7 @@ import pytest
 
 from ringtrain.errors import ChannelError
 from ringtrain.launcher.channel import ChannelServer, connect
+from ringtrain.protocol import seal
 
 
 class _Tripwire:
@@ -67,7 +68,8 @@ def test_frames_injected_after_the_handshake_are_never_unpickled(tmp_path, caplo
     with ChannelServer(b"k" * 32) as server, caplog.at_level(logging.WARNING):
         conn = connect(("127.0.0.1", server.port), b"k" * 32)
         # A peer on the path that relayed the handshake, then writes its own frame.
-        conn._sock.sendall(struct.pack("!I", len(evil)) + os.urandom(32) + evil)
+        forged = b"RTS1" + os.urandom(32) + evil
+        conn._sock.sendall(struct.pack("!I", len(forged)) + forged)
         _, closed = server.inbox.get(timeout=5)
         assert closed is None
         conn.close()
@@ -78,8 +80,8 @@ def test_frames_injected_after_the_handshake_are_never_unpickled(tmp_path, caplo
 def test_replayed_frame_is_refused(caplog):
     with ChannelServer(b"k" * 32) as server, caplog.at_level(logging.WARNING):
         conn = connect(("127.0.0.1", server.port), b"k" * 32)
-        data = pickle.dumps(("log", 0, "stdout", "once"))
-        frame = struct.pack("!I", len(data)) + conn._frame_mac(b"c", 0, data) + data
+        blob = seal(conn._key, ("log", 0, "stdout", "once"), b"c" + struct.pack("!Q", 0))
+        frame = struct.pack("!I", len(blob)) + blob
         conn._sock.sendall(frame)
         assert server.inbox.get(timeout=5)[1] == ("log", 0, "stdout", "once")
         conn._sock.sendall(frame)  # the same frame again
