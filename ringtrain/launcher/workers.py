@@ -86,14 +86,59 @@ class WorkerGroup(ABC):
     def drain(self, rank: int) -> None:
         """Wait (briefly) until every line the ended rank wrote has reached the sink."""
 
-    @abstractmethod
     def stop(self, grace: float) -> None:
-        """SIGTERM every worker still running, SIGKILL whatever is left after ``grace`` seconds."""
+        """SIGTERM every worker still running, SIGKILL whatever is left after ``grace`` seconds.
+
+        A worker that is blocked (see :func:`is_blocked`) cannot run its SIGTERM handler,
+        since its peers are being stopped too; it is SIGKILLed as soon as that is clear
+        rather than after the whole grace.
+        """
+        sent_at = time.monotonic()
+        signalled = [r for r in self.ranks if self.poll(r) is None and self._signal(r, signal.SIGTERM)]
+        deadline = sent_at + grace
+        while time.monotonic() < deadline:
+            live = [r for r in signalled if self.poll(r) is None]
+            if not live:
+                break
+            now = time.monotonic()
+            for rank in live:
+                if is_blocked(progress.read(self.files.progress(rank)), sent_at, now):
+                    self._signal(rank, signal.SIGKILL)
+            time.sleep(0.05)
+        self._finish_stop()
+
+    @abstractmethod
+    def _signal(self, rank: int, sig: int) -> bool:
+        """Send ``sig`` to the rank's process (and what it started in its group); False if gone."""
+
+    @abstractmethod
+    def _finish_stop(self) -> None:
+        """SIGKILL whatever is left of the group and wait for it."""
 
     def pid(self, rank: int) -> int | None:
         """The pid of the process running the rank's ``fn``, from its progress file."""
         snap = progress.read(self.files.progress(rank))
         return snap.pid if snap else None
+
+
+# How long after SIGTERM a worker may stay in a call it entered before the signal.
+BLOCKED_AFTER = 1.5
+
+
+def is_blocked(snap: progress.Snapshot | None, sigterm_at: float, now: float) -> bool:
+    """Whether a worker sent SIGTERM at ``sigterm_at`` cannot act on it (times: monotonic).
+
+    It is still inside the ringtrain collective, or the one TensorFlow call, that it was
+    in before the signal, ``BLOCKED_AFTER`` seconds later. Python runs signal handlers
+    only between bytecodes, so such a worker cannot even start its clean-up, and with
+    its peers stopping the call will not return.
+    """
+    if snap is None or now - sigterm_at < BLOCKED_AFTER:
+        return False
+    if snap.entered_at and snap.entered_at < sigterm_at:
+        return True
+    # The sampler's view is once per heartbeat: trust it only from a sample taken after the signal.
+    return bool(snap.runtime_since) and snap.runtime_since < sigterm_at and snap.beat_at > sigterm_at + 1.0
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -146,16 +191,14 @@ class ProcessGroup(WorkerGroup):
         proc = self._procs.get(rank)
         return proc.pid if proc is not None and proc.poll() is None else None
 
-    def stop(self, grace: float) -> None:
-        live = [p for p in self._procs.values() if p.poll() is None]
-        for proc in live:
-            _signal_group(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for proc in live:
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
+    def _signal(self, rank: int, sig: int) -> bool:
+        proc = self._procs.get(rank)
+        if proc is None or proc.poll() is not None:
+            return False
+        _signal_group(proc.pid, sig)
+        return True
+
+    def _finish_stop(self) -> None:
         for proc in self._procs.values():
             _signal_group(proc.pid, signal.SIGKILL)  # also reaches what a worker left in its group
             proc.wait()
@@ -307,22 +350,22 @@ class MpiGroup(WorkerGroup):
         if readers is not None:
             readers.join()
 
-    def stop(self, grace: float) -> None:
+    def _signal(self, rank: int, sig: int) -> bool:
+        # The rank itself, so it can handle SIGTERM (checkpoint, atexit) before Hydra tears
+        # the world down; Hydra ignores SIGTERM, and the rank's shim only reports.
+        pid = self.pid(rank)
+        if not pid:
+            return False
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def _finish_stop(self) -> None:
         from ..backends import _hydra
 
-        # The ranks first, so each can handle SIGTERM (checkpoint, atexit) before Hydra
-        # tears the world down; Hydra ignores SIGTERM itself.
-        deadline = time.monotonic() + grace
-        for rank in self.ranks:
-            pid = self.pid(rank)
-            if pid and self.poll(rank) is None:
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        while time.monotonic() < deadline and any(self.poll(r) is None for r in self.ranks):
-            time.sleep(0.05)
         if self._proxy is not None:
-            _hydra.terminate_group(self._proxy, grace=min(1.0, grace))
+            _hydra.terminate_group(self._proxy, grace=1.0)
         if self._mpiexec is not None:
-            self._mpiexec.terminate(min(1.0, grace))
+            self._mpiexec.terminate(1.0)

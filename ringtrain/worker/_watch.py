@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import atexit
+import ctypes
 import faulthandler
 import os
 import signal
@@ -47,15 +48,88 @@ def stopping() -> bool:
     return _stopping
 
 
+def _forward_sigterm_to_main_thread() -> None:
+    """Make SIGTERM interrupt the main thread even when another thread receives it.
+
+    Linux hands a process-directed signal to any thread that does not block it, and
+    TensorFlow runs dozens. Python then runs the handler only when the main thread next
+    executes bytecode, so a main thread in ``time.sleep`` or a blocking read would never
+    notice. Python's C-level handler writes the signal number to the wakeup fd from
+    whichever thread got it; this watcher re-sends SIGTERM to the main thread, whose
+    blocking call then returns with EINTR and runs the handler.
+    """
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    main = threading.main_thread().ident
+
+    def watch() -> None:
+        while True:
+            data = os.read(read_fd, 64)
+            if signal.SIGTERM in data:
+                time.sleep(0.05)  # the main thread may have got it itself
+                if not _stopping and main is not None:
+                    signal.pthread_kill(main, signal.SIGTERM)
+
+    threading.Thread(target=watch, name="ringtrain-sigterm", daemon=True).start()
+
+
+class _Sigaction(ctypes.Structure):
+    """glibc's ``struct sigaction`` on 64-bit Linux."""
+
+    _fields_ = [
+        ("handler", ctypes.c_void_p),
+        ("mask", ctypes.c_ulong * 16),
+        ("flags", ctypes.c_int),
+        ("restorer", ctypes.c_void_p),
+    ]
+
+
+class SigtermGuard:
+    """Keeps ringtrain's SIGTERM handler in place at the C level.
+
+    TensorFlow's coordination service (MultiWorkerMirroredStrategy starts it) installs
+    its own C++ SIGTERM handler, which only logs "SIGTERM caught", so a stopped worker
+    would run no clean-up and wait for SIGKILL. Python's signal table still holds
+    ringtrain's handler; :meth:`restore` puts Python's C-level handler back, from any thread.
+    """
+
+    def __init__(self) -> None:
+        try:
+            self._libc = ctypes.CDLL(None, use_errno=True)
+            self._saved = self._read()
+        except (OSError, AttributeError):
+            self._saved = None
+
+    def _read(self) -> _Sigaction:
+        current = _Sigaction()
+        if self._libc.sigaction(signal.SIGTERM, None, ctypes.byref(current)) != 0:
+            raise OSError(ctypes.get_errno(), "sigaction")
+        return current
+
+    def restore(self) -> bool:
+        """Put the handler back if something replaced it; True if it did."""
+        if self._saved is None:
+            return False
+        try:
+            current = self._read()
+        except OSError:
+            return False
+        if current.handler == self._saved.handler:
+            return False
+        return self._libc.sigaction(signal.SIGTERM, ctypes.byref(self._saved), None) == 0
+
+
 def install(files: WorkDir, rank: int, interval: float) -> progress.FileRecorder:
     """Set up stack dumps, SIGTERM handling and progress recording for this worker."""
     # The stack handler first: the agent signals only workers whose progress file exists.
     stacks = open(files.stacks(rank), "a")  # noqa: SIM115 - faulthandler keeps writing to it
     faulthandler.register(STACK_SIGNAL, file=stacks, all_threads=True, chain=False)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    _forward_sigterm_to_main_thread()
     recorder = progress.FileRecorder(files.progress(rank))
     progress.install(recorder)
-    Sampler(recorder, interval).start()
+    Sampler(recorder, interval, SigtermGuard()).start()
     return recorder
 
 
@@ -78,10 +152,11 @@ class Sampler(threading.Thread):
     the clock. "In Python" means neither there nor in a ringtrain collective.
     """
 
-    def __init__(self, recorder: progress.FileRecorder, interval: float):
+    def __init__(self, recorder: progress.FileRecorder, interval: float, guard: SigtermGuard | None = None):
         super().__init__(name="ringtrain-sampler", daemon=True)
         self._recorder = recorder
         self._interval = interval
+        self._guard = guard
         self._main = threading.main_thread().ident
         self._last: tuple[FrameType, int] | None = None
         self._last_seq = -1
@@ -90,6 +165,8 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         while True:
+            if self._guard is not None and not _stopping:
+                self._guard.restore()
             self.sample()
             time.sleep(self._interval)
 
