@@ -330,7 +330,7 @@ class _Supervisor:
         hello = next((h for h in self.agents.values() if h.partition == partition), None)
         host = hello.host if hello else "an unknown host"
         err = self.barrier.error
-        spark_said = _first_line(err) if err is not None else "nothing yet (the task is still running)"
+        spark_said = _first_line(err).rstrip(".") if err is not None else "nothing yet (the task is still running)"
         return AgentLostError(
             f"the task agent of partition {partition} on {host} was lost: {what}. Spark reported: "
             f"{spark_said}. Every other worker was stopped; if the executor was lost, retry with "
@@ -352,9 +352,12 @@ class _Supervisor:
         self.server.broadcast(Abort(reason))
 
         def all_stopped() -> bool:
-            live = {h.partition for h in self.agents.values()} - set(self.lost)
-            every_task_seen = len(self.agents) >= self.layout.num_tasks
-            return (every_task_seen and live <= self.done_tasks) or self.barrier.done()
+            # An agent still connected is still stopping its workers, even when Spark has
+            # already ended its task: wait for its "done" (a closed connection counts as lost).
+            busy = {h.partition for h in self.agents.values()} - set(self.lost) - self.done_tasks
+            if busy:
+                return False
+            return len(self.agents) >= self.layout.num_tasks or self.barrier.done()
 
         try:
             self._wait(all_stopped, time.monotonic() + self._stop_wait, quiet=True)
