@@ -247,6 +247,11 @@ class RankLogs:
         self._lock = threading.Lock()
         self._broken = False
 
+    def open(self, rank: int) -> None:
+        """Start the rank's log for this attempt with a header line."""
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.write(rank, f"==== ringtrain rank {rank}, restart {self._attempt}, {stamp} ====")
+
     def write(self, rank: int, line: str) -> None:
         if self._dir is None or self._broken:
             return
@@ -256,8 +261,6 @@ class RankLogs:
                 if out is None:
                     self._dir.mkdir(parents=True, exist_ok=True)
                     out = self._files[rank] = open(self._dir / f"rank-{rank}.log", "a", buffering=1)  # noqa: SIM115
-                    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-                    out.write(f"==== ringtrain rank {rank}, restart {self._attempt}, {stamp} ====\n")
                 out.write(line + "\n")
             except OSError as err:
                 self._broken = True
@@ -335,6 +338,8 @@ class TaskAgent:
             offers = [rendezvous.TaskOffer.from_json(s) for s in self._all_gather(offer.to_json())]
             specs = [s for s in rendezvous.plan(offers) if s.partition == self.partition]
             write_atomic(self.files.payload, self.job.payload)
+            for spec in specs:
+                self._logs.open(spec.rank)
             try:
                 group = self._make_group(specs, offers, host, link)
                 started = group.start()
