@@ -83,7 +83,11 @@ class JobConfig:
         ):
             object.__setattr__(self, name, env.seconds(getattr(self, name), name))
         object.__setattr__(self, "stall_timeout", env.seconds(self.stall_timeout, "stall_timeout", True))
-        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+        if (
+            isinstance(self.max_restarts, bool)
+            or not isinstance(self.max_restarts, int)
+            or self.max_restarts < 0
+        ):
             raise ConfigError(
                 f"max_restarts must be a whole number >= 0, got {self.max_restarts!r}; it counts how "
                 "many times a failed job is started again"

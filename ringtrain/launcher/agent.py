@@ -264,7 +264,9 @@ class RankLogs:
                 out.write(line + "\n")
             except OSError as err:
                 self._broken = True
-                logger.warning("cannot write rank logs under %s (%s); the live stream goes on", self._dir, err)
+                logger.warning(
+                    "cannot write rank logs under %s (%s); the live stream goes on", self._dir, err
+                )
 
     def close(self) -> None:
         with self._lock:
@@ -364,7 +366,9 @@ class TaskAgent:
     def _make_group(self, specs, offers, host: str, link: DriverLink) -> WorkerGroup:
         if self.job.backend == "mpi":
             env = worker_environ(self.job, specs[0])
-            return MpiGroup(specs, self.files, self._output, offers, self.partition, env, _LinkRelay(link), host)
+            return MpiGroup(
+                specs, self.files, self._output, offers, self.partition, env, _LinkRelay(link), host
+            )
         if importlib.util.find_spec("tensorflow") is None:
             raise BackendStartError(f"tensorflow is not installed for {sys.executable}")
         return ProcessGroup(specs, self.files, self._output, lambda spec: worker_environ(self.job, spec))
@@ -409,7 +413,7 @@ class TaskAgent:
                     if isinstance(report, Result):
                         sent.add(rank)
                     link.send(report)
-                if code != 0:
+                if isinstance(report, Failed):
                     # The job is failing: stop this task's other workers now rather than
                     # leave them waiting in a collective for the driver's abort.
                     return
@@ -475,7 +479,9 @@ class TaskAgent:
         return format_stacks(text, snap.main_thread) if text else "(no stack: the worker did not answer)"
 
 
-def run_task(job: TaskJob, partition: int, gpus: tuple[str, ...], all_gather: Callable[[str], list[str]]) -> list[bytes]:
+def run_task(
+    job: TaskJob, partition: int, gpus: tuple[str, ...], all_gather: Callable[[str], list[str]]
+) -> list[bytes]:
     """Run partition ``partition``'s share of ``job``; the entry point of each barrier task.
 
     Returns the task's output rows, each sealed with the job's secret. The agent runs in a
@@ -494,4 +500,3 @@ def run_barrier_task(job: TaskJob, _rows) -> list[bytes]:
     resources = ctx.resources()
     gpus = tuple(resources["gpu"].addresses) if "gpu" in resources else ()
     return run_task(job, ctx.partitionId(), gpus, ctx.allGather)
-

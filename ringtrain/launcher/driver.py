@@ -157,7 +157,9 @@ def _attempt(
         except BackendStartError as err:
             if index + 1 == len(tried):
                 raise
-            logger.warning("backend %r could not start (%s); falling back to %r", backend, err, tried[index + 1])
+            logger.warning(
+                "backend %r could not start (%s); falling back to %r", backend, err, tried[index + 1]
+            )
     raise AssertionError("unreachable: candidates() is never empty")
 
 
@@ -269,7 +271,9 @@ class _Supervisor:
 
     def run(self) -> dict[int, bytes | None]:
         try:
-            self._wait(lambda: len(self.results) == self.layout.num_proc or self.trigger is not None, self.deadline)
+            self._wait(
+                lambda: len(self.results) == self.layout.num_proc or self.trigger is not None, self.deadline
+            )
             if self.trigger is None and len(self.results) < self.layout.num_proc:
                 self.trigger = "timeout"
             if self.trigger is not None:
@@ -277,7 +281,9 @@ class _Supervisor:
             # Every rank has a result: let the workers exit. Agents then drain their output
             # and say done; the Spark job ends with them.
             self.server.broadcast(Release())
-            self._wait(lambda: len(self.done_tasks) >= self.layout.num_tasks, time.monotonic() + self._stop_wait)
+            self._wait(
+                lambda: len(self.done_tasks) >= self.layout.num_tasks, time.monotonic() + self._stop_wait
+            )
             self._drain()
             return self.results
         except BaseException:
@@ -330,7 +336,9 @@ class _Supervisor:
         hello = next((h for h in self.agents.values() if h.partition == partition), None)
         host = hello.host if hello else "an unknown host"
         err = self.barrier.error
-        spark_said = _first_line(err).rstrip(".") if err is not None else "nothing yet (the task is still running)"
+        spark_said = (
+            _first_line(err).rstrip(".") if err is not None else "nothing yet (the task is still running)"
+        )
         return AgentLostError(
             f"the task agent of partition {partition} on {host} was lost: {what}. Spark reported: "
             f"{spark_said}. Every other worker was stopped; if the executor was lost, retry with "
@@ -395,7 +403,10 @@ class _Supervisor:
             self.server.broadcast(Ping())
             for conn, hello in list(self.agents.items()):
                 silent = now - conn.last_heard
-                if hello.partition not in self.done_tasks | set(self.lost) and silent > self.config.heartbeat_timeout:
+                if (
+                    hello.partition not in self.done_tasks | set(self.lost)
+                    and silent > self.config.heartbeat_timeout
+                ):
                     self._lose(
                         hello.partition,
                         f"its agent (pid {hello.pid}) has sent nothing for {silent:.0f} s "
@@ -421,8 +432,8 @@ class _Supervisor:
         self._stall_request = None
         if kind == "fail":
             advice = (
-                f"The job failed after {self.config.stall_timeout:g} s of stall (RINGTRAIN_STALL_TIMEOUT) and "
-                "every worker was stopped. Every rank must run the same collectives in the same order; "
+                f"The job failed after {self.config.stall_timeout:g} s of stall (RINGTRAIN_STALL_TIMEOUT) "
+                "and every worker was stopped. Every rank must run the same collectives in the same order; "
                 "the stack(s) above show where the missing rank(s) were instead."
             )
             self.stall_error = report.error(self._stacks, advice)
@@ -463,7 +474,9 @@ class _Supervisor:
         if message is None:  # the connection closed
             hello = self.agents.get(conn)
             if hello is not None and hello.partition not in self.done_tasks:
-                self._lose(hello.partition, f"its agent (pid {hello.pid}) closed the connection before finishing")
+                self._lose(
+                    hello.partition, f"its agent (pid {hello.pid}) closed the connection before finishing"
+                )
             return
         if isinstance(message, Log):
             self.printer(message.rank, message.stream, message.line)

@@ -248,7 +248,8 @@ def main(fd: int) -> None:
 
     def task_lost() -> None:
         agent.lose_task(
-            "the Spark task process that started it vanished (Spark killed the task, or its executor was lost)"
+            "the Spark task process that started it vanished (Spark killed the task, or its executor "
+            "was lost)"
         )
 
     relay.on_lost = task_lost

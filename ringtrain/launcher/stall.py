@@ -100,7 +100,9 @@ def _doing(r: RankProgress) -> str:
     if r.finished_for is not None:
         return f"returned from fn {r.finished_for:.0f} s ago, after {r.seq} ringtrain collective(s)"
     if r.collective is not None:
-        return f"inside another collective, {r.collective} (#{r.seq}), for {r.in_collective_for:.0f} s{_at(r)}"
+        return (
+            f"inside another collective, {r.collective} (#{r.seq}), for {r.in_collective_for:.0f} s{_at(r)}"
+        )
     if r.silent_for is None:
         return "has not started its progress reporting yet (still starting up)"
     if r.in_runtime_for is not None:
@@ -122,7 +124,9 @@ def find_stall(ranks: Sequence[RankProgress], after: float) -> StallReport | Non
             waited = max(r.in_collective_for for r in waiting)
             return StallReport(f"{name} (collective #{top})", waited, tuple(waiting), tuple(missing))
     sampled = [
-        r for r in ranks if r.collective is None and r.in_runtime_for is not None and r.in_runtime_for >= after
+        r
+        for r in ranks
+        if r.collective is None and r.in_runtime_for is not None and r.in_runtime_for >= after
     ]
     if sampled:
         missing = [

@@ -272,10 +272,14 @@ class MpiGroup(WorkerGroup):
             try:
                 cmd = with_parent_death(
                     _hydra.build_mpiexec_command(
-                        self._counts, [sys.executable, "-m", "ringtrain.worker"], control_host=self._control_host
+                        self._counts,
+                        [sys.executable, "-m", "ringtrain.worker"],
+                        control_host=self._control_host,
                     )
                 )
-                self._mpiexec = _hydra.start_mpiexec(cmd, on_line=lambda line: logger.info("mpiexec: %s", line))
+                self._mpiexec = _hydra.start_mpiexec(
+                    cmd, on_line=lambda line: logger.info("mpiexec: %s", line)
+                )
                 launch = MpiLaunch(proxies=tuple(tuple(p) for p in self._mpiexec.proxies))
             except BackendError as err:
                 launch = MpiLaunch(error=str(err))
@@ -336,7 +340,9 @@ class MpiGroup(WorkerGroup):
             tail = "\n".join(self._proxy_log[-20:])
             error = self.files.error(rank)
             if tail and not error.exists():
-                error.write_text(f"hydra_pmi_proxy ended before this rank reported; its last lines:\n{tail}\n")
+                error.write_text(
+                    f"hydra_pmi_proxy ended before this rank reported; its last lines:\n{tail}\n"
+                )
         return self._codes.get(rank)
 
     def drain(self, rank: int) -> None:

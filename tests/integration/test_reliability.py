@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -71,12 +69,14 @@ def test_rank_that_never_enters_the_collective_is_named(backend, monkeypatch, tm
     with pytest.raises(ringtrain.StallError) as info:
         ringtrain.run(_stall_one_rank, backend, str(mark), num_proc=2, backend=backend)
     took = time.time() - float(mark.read_text())
-    assert STALL_TIMEOUT <= took < STALL_TIMEOUT + STALL_SLACK, f"StallError {took:.1f} s after the stall began"
+    assert STALL_TIMEOUT <= took < STALL_TIMEOUT + STALL_SLACK, (
+        f"StallError {took:.1f} s after the stall began"
+    )
     err = info.value
     assert isinstance(err, ringtrain.InfrastructureError)
     assert err.waiting == (0,) and err.missing == (1,) and not err.uneven_finish
-    assert f'line {SLEEP_LINE} in _sleep_in_python' in err.stacks[1]
-    assert f'line {SLEEP_LINE} in _sleep_in_python' in str(err)
+    assert f"line {SLEEP_LINE} in _sleep_in_python" in err.stacks[1]
+    assert f"line {SLEEP_LINE} in _sleep_in_python" in str(err)
     if backend == "mpi":
         assert err.collective == "allreduce(grads) (collective #1)"
     else:
@@ -97,7 +97,9 @@ def _finish_early():
 def test_uneven_finish_is_reported_as_a_stall(monkeypatch):
     monkeypatch.setenv("RINGTRAIN_STALL_TIMEOUT", str(STALL_TIMEOUT))
     started = time.monotonic()
-    with pytest.raises(ringtrain.StallError, match=r"uneven finish: rank\(s\) \[1\] returned from fn") as info:
+    with pytest.raises(
+        ringtrain.StallError, match=r"uneven finish: rank\(s\) \[1\] returned from fn"
+    ) as info:
         ringtrain.run(_finish_early, num_proc=2, backend="mpi")
     assert time.monotonic() - started < 90
     assert info.value.uneven_finish and info.value.missing == (1,) and info.value.waiting == (0,)
@@ -123,7 +125,13 @@ def _spawn_grandchild_and_wait(folder):
     keeper = os.getppid()
     while b"ringtrain.launcher.keeper" not in Path(f"/proc/{keeper}/cmdline").read_bytes():
         keeper = parent(keeper)
-    tree = {"worker": os.getpid(), "keeper": keeper, "task": parent(keeper), "grandchild": helper.pid}
+    tree = {
+        "worker": os.getpid(),
+        "keeper": keeper,
+        "task": parent(keeper),
+        "grandchild": helper.pid,
+        "workdir": os.environ["RINGTRAIN_WORKDIR"],
+    }
     target = Path(folder, f"rank-{ringtrain.rank()}.json")
     target.with_suffix(".tmp").write_text(json.dumps(tree))
     target.with_suffix(".tmp").replace(target)
@@ -137,8 +145,6 @@ def _spawn_grandchild_and_wait(folder):
     [("tf", "task"), ("mpi", "task"), ("mpi", "keeper")],
 )
 def test_killed_agent_leaves_no_process_or_directory(backend, victim, tmp_path):
-    workdirs_before = set(glob.glob(os.path.join(tempfile.gettempdir(), "ringtrain-p*")))
-
     def kill_rank_one_host():
         deadline = time.monotonic() + 120
         while not (tmp_path / "rank-1.json").exists() and time.monotonic() < deadline:
@@ -156,7 +162,7 @@ def test_killed_agent_leaves_no_process_or_directory(backend, victim, tmp_path):
     ours = [tree[k] for tree in trees for k in ("worker", "keeper", "grandchild")]
     while time.monotonic() - raised < 15:
         left = [p for p in ours if _alive(p)]
-        dirs = set(glob.glob(os.path.join(tempfile.gettempdir(), "ringtrain-p*"))) - workdirs_before
+        dirs = [tree["workdir"] for tree in trees if os.path.exists(tree["workdir"])]
         if not left and not dirs:
             break
         time.sleep(0.2)
@@ -262,5 +268,7 @@ def test_bad_fusion_variable_does_not_break_import_and_fails_before_start(monkey
     with pytest.raises(ringtrain.ConfigError, match="RINGTRAIN_FUSION_IMPL='turbo' is not valid"):
         ringtrain.run(lambda: None, num_proc=1)
     monkeypatch.delenv("RINGTRAIN_FUSION_IMPL")
-    with pytest.raises(ringtrain.ConfigError, match="timeout must be a finite number of seconds > 0, got nan"):
+    with pytest.raises(
+        ringtrain.ConfigError, match="timeout must be a finite number of seconds > 0, got nan"
+    ):
         ringtrain.run(lambda: None, num_proc=1, timeout=float("nan"))

@@ -49,8 +49,9 @@ def _fit_with_backup():
 
 def test_killed_rank_restarts_and_resumes_from_the_checkpoint(tmp_path, capfd):
     started = time.monotonic()
-    results = ringtrain.run(_fit_with_backup, num_proc=2, backend="tf", max_restarts=1, job_dir=str(tmp_path),
-                            return_all=True)
+    results = ringtrain.run(
+        _fit_with_backup, num_proc=2, backend="tf", max_restarts=1, job_dir=str(tmp_path), return_all=True
+    )
     assert time.monotonic() - started < 240
     assert [r["restart"] for r in results] == [1, 1]
     # The second attempt starts from the checkpointed epoch (index 2), not from 0.
