@@ -159,7 +159,7 @@ class Sampler(threading.Thread):
         self._guard = guard
         self._main = threading.main_thread().ident
         self._last: tuple[FrameType, int] | None = None
-        self._last_seq = -1
+        self._last_seq = recorder.seq
         self._runtime_since = 0.0
         self._python_since = 0.0
 
