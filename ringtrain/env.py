@@ -147,6 +147,14 @@ VARS: dict[str, Var] = {
             "Seconds of such a stall after which the job fails with StallError; 0 never fails it.",
         ),
         Var(
+            "RINGTRAIN_STALL_INSPECTOR",
+            "1",
+            _flag,
+            "1 makes every worker record its collectives and sample its main thread for the stall "
+            "inspector; 0 turns that off (and stall detection with it). Liveness heartbeats stay on.",
+            forward=True,
+        ),
+        Var(
             "RINGTRAIN_HEARTBEAT_INTERVAL",
             "1",
             _positive_float,

@@ -28,6 +28,7 @@ __all__ = [
     "MAX_RESULT_BYTES",
     "STACK_SIGNAL",
     "Abort",
+    "AgentFailed",
     "BackendFailed",
     "Done",
     "Failed",
@@ -168,6 +169,15 @@ class StackDump:
 class BackendFailed:
     partition: int
     reason: str
+
+
+@dataclass(frozen=True)
+class AgentFailed:
+    """The agent itself failed (before or beside its workers): ``error`` if it pickles, and its text."""
+
+    partition: int
+    error: BaseException | None
+    text: str
 
 
 @dataclass(frozen=True)

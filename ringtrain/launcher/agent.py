@@ -35,6 +35,7 @@ from ..errors import BackendStartError, Failure
 from ..protocol import (
     STACK_SIGNAL,
     Abort,
+    AgentFailed,
     BackendFailed,
     Done,
     Failed,
@@ -350,6 +351,10 @@ class TaskAgent:
                 started = False
             if started:
                 self._supervise(group, link)
+        except Exception as err:
+            # E.g. a rendezvous that cannot place the workers: the user must see why.
+            logger.exception("partition %s: the task agent failed", self.partition)
+            link.send(AgentFailed(self.partition, _picklable(err), f"{type(err).__name__}: {err}"))
         finally:
             # Workers stop before their ports are released, and everything before "done".
             if group is not None:
@@ -477,6 +482,16 @@ class TaskAgent:
             size = now_size
         text = path.read_text(errors="replace") if path.exists() else ""
         return format_stacks(text, snap.main_thread) if text else "(no stack: the worker did not answer)"
+
+
+def _picklable(err: BaseException) -> BaseException | None:
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(err))
+    except Exception:
+        return None
+    return err
 
 
 def run_task(

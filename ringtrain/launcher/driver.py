@@ -41,6 +41,7 @@ from ..errors import (
 )
 from ..protocol import (
     Abort,
+    AgentFailed,
     BackendFailed,
     Done,
     Failed,
@@ -257,6 +258,7 @@ class _Supervisor:
         self.done_tasks: set[int] = set()
         self.lost: dict[int, str] = {}  # partition -> what happened
         self.backend_failure: str | None = None
+        self.agent_error: RingtrainError | None = None
         self.stall_error: StallError | None = None
         self.trigger: str | None = None  # the first thing that went wrong
         self.stopped = False
@@ -313,8 +315,11 @@ class _Supervisor:
                 "timeout": "the job timed out",
                 "stall": "the job stalled",
                 "lost": "a task agent was lost",
+                "agent": "a task agent failed",
             }.get(trigger or "", "a worker failed")
         )
+        if trigger == "agent" and self.agent_error is not None:
+            return self.agent_error
         if trigger == "backend":
             return BackendStartError(f"backend {self.config.backend!r}: {self.backend_failure}")
         if trigger == "stall" and self.stall_error is not None:
@@ -499,6 +504,17 @@ class _Supervisor:
         elif isinstance(message, MpiLaunch):
             # Partition 0's mpiexec printed one proxy command per task: hand them to every agent.
             self.server.broadcast(message)
+        elif isinstance(message, AgentFailed):
+            if self.agent_error is None:
+                error = message.error
+                self.agent_error = (
+                    error
+                    if isinstance(error, RingtrainError)
+                    else RingtrainError(
+                        f"the task agent of partition {message.partition} failed: {message.text}"
+                    )
+                )
+            self._note("agent")
         elif isinstance(message, BackendFailed):
             if self.backend_failure is None:
                 self.backend_failure = f"partition {message.partition}: {message.reason}"

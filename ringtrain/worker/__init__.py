@@ -227,7 +227,9 @@ def main(workdir: str | None = None) -> int:
         from .. import env
 
         exit_bound = env.get("RINGTRAIN_KILL_GRACE")
-        recorder = _watch.install(files, rank, env.get("RINGTRAIN_HEARTBEAT_INTERVAL"))
+        recorder = _watch.install(
+            files, rank, env.get("RINGTRAIN_HEARTBEAT_INTERVAL"), env.get("RINGTRAIN_STALL_INSPECTOR")
+        )
         tune_malloc()
         _join_backend()
         import cloudpickle

@@ -120,16 +120,21 @@ class SigtermGuard:
         return self._libc.sigaction(signal.SIGTERM, ctypes.byref(self._saved), None) == 0
 
 
-def install(files: WorkDir, rank: int, interval: float) -> progress.FileRecorder:
-    """Set up stack dumps, SIGTERM handling and progress recording for this worker."""
+def install(files: WorkDir, rank: int, interval: float, inspect: bool = True) -> progress.FileRecorder:
+    """Set up stack dumps, SIGTERM handling and progress recording for this worker.
+
+    With ``inspect`` False, collectives are not recorded and the main thread is not
+    sampled (no stall detection); the progress file then only says when ``fn`` returned.
+    """
     # The stack handler first: the agent signals only workers whose progress file exists.
     stacks = open(files.stacks(rank), "a")  # noqa: SIM115 - faulthandler keeps writing to it
     faulthandler.register(STACK_SIGNAL, file=stacks, all_threads=True, chain=False)
     signal.signal(signal.SIGTERM, _on_sigterm)
     _forward_sigterm_to_main_thread()
     recorder = progress.FileRecorder(files.progress(rank))
-    progress.install(recorder)
-    Sampler(recorder, interval, SigtermGuard()).start()
+    if inspect:
+        progress.install(recorder)
+    Sampler(recorder, interval, SigtermGuard(), sample=inspect).start()
     return recorder
 
 
@@ -152,11 +157,18 @@ class Sampler(threading.Thread):
     the clock. "In Python" means neither there nor in a ringtrain collective.
     """
 
-    def __init__(self, recorder: progress.FileRecorder, interval: float, guard: SigtermGuard | None = None):
+    def __init__(
+        self,
+        recorder: progress.FileRecorder,
+        interval: float,
+        guard: SigtermGuard | None = None,
+        sample: bool = True,
+    ):
         super().__init__(name="ringtrain-sampler", daemon=True)
         self._recorder = recorder
         self._interval = interval
         self._guard = guard
+        self._sample = sample
         self._main = threading.main_thread().ident
         self._last: tuple[FrameType, int] | None = None
         self._last_seq = recorder.seq
@@ -167,7 +179,8 @@ class Sampler(threading.Thread):
         while True:
             if self._guard is not None and not _stopping:
                 self._guard.restore()
-            self.sample()
+            if self._sample:
+                self.sample()
             time.sleep(self._interval)
 
     def sample(self) -> None:

@@ -8,11 +8,12 @@ import threading
 import time
 
 from ringtrain import progress
-from ringtrain.errors import BackendStartError
+from ringtrain.errors import BackendStartError, ConfigError
 from ringtrain.launcher.agent import DriverLink, RankLogs, TaskAgent, TaskJob, format_stacks
 from ringtrain.launcher.workers import WorkerGroup, is_blocked
 from ringtrain.protocol import (
     Abort,
+    AgentFailed,
     BackendFailed,
     Done,
     Failed,
@@ -347,3 +348,13 @@ def test_is_blocked():
     python = progress.Snapshot(**base, entered_at=0.0, beat_at=101.5, runtime_since=0.0, python_since=95.0)
     assert not is_blocked(python, sigterm_at=100.0, now=110.0)
     assert not is_blocked(None, sigterm_at=100.0, now=110.0)
+
+
+def test_an_error_in_the_agent_itself_reaches_the_driver(tmp_path):
+    h = Harness(
+        tmp_path, {}, raises=ConfigError("gpus_per_worker=3 does not divide the 2 GPUs of partition 0")
+    )
+    h.run()
+    (failed,) = h.conn.of(AgentFailed)
+    assert isinstance(failed.error, ConfigError) and "gpus_per_worker=3" in failed.text
+    assert isinstance(h.conn.sent[-1], Done)

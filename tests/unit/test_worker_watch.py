@@ -79,8 +79,8 @@ def test_a_replaced_sigterm_handler_is_taken_back(tmp_path):
         import ctypes
         ctypes.CDLL(None).signal(signal.SIGTERM, ctypes.c_void_p(1))  # SIG_IGN, behind Python's back
         time.sleep(1.0)
-        print("ready", flush=True)
         try:
+            print("ready", flush=True)
             time.sleep(600)
         except _watch.Stopped:
             print("stopped", flush=True)
