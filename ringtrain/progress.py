@@ -71,7 +71,7 @@ _SIZE = 512
 _HEADER = struct.Struct("<4sIQ")  # magic, pid, main thread ident
 _COLLECTIVE = struct.Struct("<QQdd96s")  # version, seq, entered_at (0: outside), left_at, name
 _SAMPLE = struct.Struct("<Qddd160s")  # version, beat_at, runtime_since, python_since, where
-_LIFE = struct.Struct("<Qd")  # version, finished_at
+_LIFE = struct.Struct("<Qdd")  # version, finished_at, stopping_at
 _AT_COLLECTIVE = _HEADER.size
 _AT_SAMPLE = _AT_COLLECTIVE + _COLLECTIVE.size
 _AT_LIFE = _AT_SAMPLE + _SAMPLE.size
@@ -97,8 +97,11 @@ class FileRecorder:
             self._map = mmap.mmap(fd, _SIZE)
         finally:
             os.close(fd)
-        self._lock = threading.Lock()
+        # Reentrant: the SIGTERM handler records on the main thread, maybe inside enter().
+        self._lock = threading.RLock()
         self._depth = 0
+        self._finished_at = 0.0
+        self._stopping_at = 0.0
         self._seq = 0
         self._versions = {_AT_COLLECTIVE: 0, _AT_SAMPLE: 0, _AT_LIFE: 0}
         _HEADER.pack_into(self._map, 0, _MAGIC, os.getpid(), threading.main_thread().ident or 0)
@@ -140,7 +143,14 @@ class FileRecorder:
     def finished(self) -> None:
         """``fn`` has returned (its result is written)."""
         with self._lock:
-            self._write(_LIFE, _AT_LIFE, time.monotonic())
+            self._finished_at = time.monotonic()
+            self._write(_LIFE, _AT_LIFE, self._finished_at, self._stopping_at)
+
+    def stopping(self) -> None:
+        """The worker's SIGTERM handler ran: it is cleaning up and will exit."""
+        with self._lock:
+            self._stopping_at = time.monotonic()
+            self._write(_LIFE, _AT_LIFE, self._finished_at, self._stopping_at)
 
 
 @dataclass(frozen=True)
@@ -158,6 +168,7 @@ class Snapshot:
     python_since: float
     where: str
     finished_at: float
+    stopping_at: float = 0.0
 
     def as_rank_progress(self, rank: int, host: str, now: float) -> RankProgress:
         """The snapshot as durations up to ``now`` (``time.monotonic()`` on this host)."""
@@ -221,4 +232,5 @@ def read(path: str | Path) -> Snapshot | None:
         python_since=python_since,
         where=_text(where),
         finished_at=life[0],
+        stopping_at=life[1],
     )

@@ -121,24 +121,24 @@ class WorkerGroup(ABC):
         return snap.pid if snap else None
 
 
-# How long after SIGTERM a worker may stay in a call it entered before the signal.
+# How long after SIGTERM a worker may take to start handling it.
 BLOCKED_AFTER = 1.5
 
 
 def is_blocked(snap: progress.Snapshot | None, sigterm_at: float, now: float) -> bool:
     """Whether a worker sent SIGTERM at ``sigterm_at`` cannot act on it (times: monotonic).
 
-    It is still inside the ringtrain collective, or the one TensorFlow call, that it was
-    in before the signal, ``BLOCKED_AFTER`` seconds later. Python runs signal handlers
-    only between bytecodes, so such a worker cannot even start its clean-up, and with
-    its peers stopping the call will not return.
+    Its handler has not run ``BLOCKED_AFTER`` seconds later, and it is inside a ringtrain
+    collective or (by a sample taken after the signal) inside a TensorFlow call. Python
+    runs signal handlers only between bytecodes, so such a worker cannot even start its
+    clean-up, and with its peers stopping, the call will not return. A worker that is
+    running Python (a user's own handler writing a checkpoint, say) is never "blocked".
     """
-    if snap is None or now - sigterm_at < BLOCKED_AFTER:
+    if snap is None or now - sigterm_at < BLOCKED_AFTER or snap.stopping_at >= sigterm_at:
         return False
-    if snap.entered_at and snap.entered_at < sigterm_at:
+    if snap.entered_at:
         return True
-    # The sampler's view is once per heartbeat: trust it only from a sample taken after the signal.
-    return bool(snap.runtime_since) and snap.runtime_since < sigterm_at and snap.beat_at > sigterm_at + 1.0
+    return bool(snap.runtime_since) and snap.beat_at > sigterm_at
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -34,6 +34,7 @@ class Stopped(BaseException):
 
 
 _stopping = False
+_recorder: progress.FileRecorder | None = None
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
@@ -41,6 +42,8 @@ def _on_sigterm(signum: int, frame: object) -> None:
     if _stopping:  # the first one is being handled; the agent SIGKILLs after its grace
         return
     _stopping = True
+    if _recorder is not None:
+        _recorder.stopping()  # tells the agent this worker can still act: it gets the full grace
     raise Stopped()
 
 
@@ -126,12 +129,13 @@ def install(files: WorkDir, rank: int, interval: float, inspect: bool = True) ->
     With ``inspect`` False, collectives are not recorded and the main thread is not
     sampled (no stall detection); the progress file then only says when ``fn`` returned.
     """
+    global _recorder
     # The stack handler first: the agent signals only workers whose progress file exists.
     stacks = open(files.stacks(rank), "a")  # noqa: SIM115 - faulthandler keeps writing to it
     faulthandler.register(STACK_SIGNAL, file=stacks, all_threads=True, chain=False)
+    recorder = _recorder = progress.FileRecorder(files.progress(rank))
     signal.signal(signal.SIGTERM, _on_sigterm)
     _forward_sigterm_to_main_thread()
-    recorder = progress.FileRecorder(files.progress(rank))
     if inspect:
         progress.install(recorder)
     Sampler(recorder, interval, SigtermGuard(), sample=inspect).start()

@@ -335,17 +335,23 @@ def test_format_stacks_puts_the_main_thread_first():
 
 
 def test_is_blocked():
-    base = dict(pid=1, main_thread=1, seq=1, collective=None, left_at=0.0, where="", finished_at=0.0)
-    in_call = progress.Snapshot(**base, entered_at=99.0, beat_at=0.0, runtime_since=0.0, python_since=0.0)
-    assert not is_blocked(in_call, sigterm_at=100.0, now=100.5)  # too soon to tell
-    assert is_blocked(in_call, sigterm_at=100.0, now=102.0)
-    later = progress.Snapshot(**base, entered_at=100.5, beat_at=0.0, runtime_since=0.0, python_since=0.0)
-    assert not is_blocked(later, sigterm_at=100.0, now=102.0)  # it moved after the signal
-    tf_call = progress.Snapshot(**base, entered_at=0.0, beat_at=101.5, runtime_since=90.0, python_since=0.0)
-    assert is_blocked(tf_call, sigterm_at=100.0, now=102.0)
-    stale = progress.Snapshot(**base, entered_at=0.0, beat_at=100.5, runtime_since=90.0, python_since=0.0)
-    assert not is_blocked(stale, sigterm_at=100.0, now=102.0)  # no sample after the signal yet
-    python = progress.Snapshot(**base, entered_at=0.0, beat_at=101.5, runtime_since=0.0, python_since=95.0)
+    def snap(entered_at=0.0, beat_at=0.0, runtime_since=0.0, python_since=0.0, stopping_at=0.0):
+        return progress.Snapshot(
+            pid=1, main_thread=1, seq=1, collective=None, left_at=0.0, where="", finished_at=0.0,
+            entered_at=entered_at, beat_at=beat_at, runtime_since=runtime_since, python_since=python_since,
+            stopping_at=stopping_at,
+        )  # fmt: skip
+
+    in_collective = snap(entered_at=99.0)
+    assert not is_blocked(in_collective, sigterm_at=100.0, now=100.5)  # too soon to tell
+    assert is_blocked(in_collective, sigterm_at=100.0, now=102.0)
+    # Its SIGTERM handler ran: it is cleaning up and gets the whole grace.
+    assert not is_blocked(snap(entered_at=99.0, stopping_at=100.2), sigterm_at=100.0, now=110.0)
+    in_tf = snap(beat_at=101.2, runtime_since=100.4)  # first sampled in the call just after the signal
+    assert is_blocked(in_tf, sigterm_at=100.0, now=102.0)
+    stale = snap(beat_at=99.5, runtime_since=90.0)  # no sample since the signal yet
+    assert not is_blocked(stale, sigterm_at=100.0, now=102.0)
+    python = snap(beat_at=101.5, python_since=95.0)  # e.g. a user's own handler writing a checkpoint
     assert not is_blocked(python, sigterm_at=100.0, now=110.0)
     assert not is_blocked(None, sigterm_at=100.0, now=110.0)
 
