@@ -115,7 +115,7 @@ def launch(config: JobConfig, payload: bytes, printer: LogPrinter | None = None)
                 raise
             attempt += 1
             cause = str(err).splitlines()[0]
-            logger.warning("restart %d of %d after: %s", attempt, config.max_restarts, cause)
+            logger.info("restart %d of %d after: %s", attempt, config.max_restarts, cause)
             printer.notice(f"restart {attempt} of {config.max_restarts} after: {type(err).__name__}: {cause}")
 
 
