@@ -8,6 +8,9 @@ Three measurements, each through ``ringtrain.run`` on an embedded local Spark, 2
 - ``stall``: time from the start of a stall to ``StallError``, with
   ``RINGTRAIN_STALL_TIMEOUT`` (default here 20 s). Rank 1 sleeps in Python; rank 0
   records the time and enters a collective.
+- ``orphans``: SIGKILL the PySpark task process hosting rank 1 (as Spark does when it kills a
+  task), whose worker has started a setsid grandchild; time until ``run`` raises, until the
+  keeper (the task agent's process) has exited, and until no process of the job is left.
 - ``overhead``: step time of the ``benchmarks.cnn`` Inception v1 run on mpi with the
   stall inspector on (``RINGTRAIN_STALL_INSPECTOR=1``, the default: every collective
   recorded, the main thread sampled every heartbeat) and off, alternating in one session
@@ -15,7 +18,7 @@ Three measurements, each through ``ringtrain.run`` on an embedded local Spark, 2
 
 Usage::
 
-    python -m benchmarks.bench_reliability [kill] [stall] [overhead] [--repeats N]
+    python -m benchmarks.bench_reliability [kill] [stall] [orphans] [overhead] [--repeats N]
         [--stall-timeout S] [--steps K] [--json FILE]
 
 Times of day are ``time.time()`` in the worker and the driver, which share one host here.
@@ -77,6 +80,82 @@ def stall_one_rank(backend: str, mark: str) -> None:
         time.sleep(3600)
     Path(mark).write_text(repr(time.time()))
     collective()
+
+
+def leave_a_grandchild(folder: str) -> None:
+    import subprocess
+
+    import ringtrain
+
+    helper = subprocess.Popen(["sleep", "3600"], start_new_session=True)
+    keeper = os.getppid()
+    while b"ringtrain.launcher.keeper" not in Path(f"/proc/{keeper}/cmdline").read_bytes():
+        keeper = _parent(keeper)
+    tree = {"worker": os.getpid(), "keeper": keeper, "task": _parent(keeper), "grandchild": helper.pid}
+    target = Path(folder, f"rank-{ringtrain.rank()}.json")
+    target.with_suffix(".tmp").write_text(json.dumps(tree))
+    target.with_suffix(".tmp").replace(target)
+    time.sleep(3600)
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def measure_orphans(repeats: int) -> list[dict[str, Any]]:
+    import threading
+
+    import ringtrain
+
+    records = []
+    for _ in range(repeats):
+        for backend in ("mpi", "tf"):
+            with tempfile.TemporaryDirectory() as folder:
+                killed: dict[str, float] = {}
+                keeper_gone: dict[str, float] = {}
+
+                def kill_task(folder: str = folder, killed: dict = killed, gone: dict = keeper_gone) -> None:
+                    target = Path(folder, "rank-1.json")
+                    while not target.exists():
+                        time.sleep(0.05)
+                    tree = json.loads(target.read_text())
+                    killed["at"] = time.time()
+                    os.kill(tree["task"], signal.SIGKILL)
+                    while _alive(tree["keeper"]):
+                        time.sleep(0.01)
+                    gone["at"] = time.time()
+
+                watcher = threading.Thread(target=kill_task, daemon=True)
+                watcher.start()
+                try:
+                    ringtrain.run(leave_a_grandchild, folder, num_proc=2, backend=backend)
+                except ringtrain.AgentLostError:
+                    raised = time.time()
+                trees = [json.loads(Path(folder, f"rank-{r}.json").read_text()) for r in (0, 1)]
+                pids = [t[k] for t in trees for k in ("worker", "keeper", "grandchild")]
+                while any(_alive(p) for p in pids) and time.time() - raised < 60:
+                    time.sleep(0.01)
+                clean = time.time()
+                watcher.join(60)
+                records.append(
+                    {
+                        "what": "task_killed",
+                        "backend": backend,
+                        "kill_to_raise_s": raised - killed["at"],
+                        "kill_to_keeper_exit_s": keeper_gone["at"] - killed["at"],
+                        "raise_to_nothing_left_s": max(0.0, clean - raised),
+                    }
+                )
+    return records
 
 
 def _time_failure(fn, backend: str, expected: type) -> dict[str, Any]:
@@ -179,6 +258,13 @@ def _summary(records: list[dict[str, Any]]) -> list[str]:
                     + " s"
                     + (f"  (median {statistics.median(values):.2f})" if len(values) > 1 else "")
                 )
+    for r in records:
+        if r["what"] == "task_killed":
+            lines.append(
+                f"task killed        {r['backend']:<4} run raised after {r['kill_to_raise_s']:.2f} s, "
+                f"keeper exited after {r['kill_to_keeper_exit_s']:.2f} s, "
+                f"nothing left {r['raise_to_nothing_left_s']:.2f} s after the raise"
+            )
     ratios = [r["on_over_off"] for r in records if r["what"] == "inspector_overhead"]
     if ratios:
         pairs = ", ".join(
@@ -198,13 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("which", nargs="*", choices=["kill", "stall", "overhead"], default=[])
+    parser.add_argument("which", nargs="*", choices=["kill", "stall", "orphans", "overhead"], default=[])
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--stall-timeout", type=float, default=20.0)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per overhead run")
     parser.add_argument("--json", help="append one JSON line per measurement here")
     ns = parser.parse_args(argv)
-    which = ns.which or ["kill", "stall", "overhead"]
+    which = ns.which or ["kill", "stall", "orphans", "overhead"]
     os.environ.setdefault("RINGTRAIN_TF_THREADS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -215,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         records += measure_kill(ns.repeats)
     if "stall" in which:
         records += measure_stall(ns.repeats, ns.stall_timeout)
+    if "orphans" in which:
+        records += measure_orphans(ns.repeats)
     if "overhead" in which:
         records += measure_overhead(ns.repeats, ns.steps)
     if ns.json:
