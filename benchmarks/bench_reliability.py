@@ -103,18 +103,11 @@ def _parent(pid: int) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def measure_orphans(repeats: int) -> list[dict[str, Any]]:
     import threading
 
     import ringtrain
+    from ringtrain.backends._hydra import _alive
 
     records = []
     for _ in range(repeats):

@@ -44,6 +44,7 @@ from typing import Any
 
 from ..errors import AgentLostError
 from ..protocol import Done, seal
+from .channel import _recv_exact
 
 logger = logging.getLogger(__name__)
 
@@ -111,20 +112,10 @@ def _send(sock: socket.socket, message: Any) -> None:
 
 
 def _recv(sock: socket.socket) -> Any:
-    """One message from the other end of the socketpair; EOFError when it is gone."""
-
-    def exact(n: int) -> bytes:
-        chunks = []
-        while n:
-            chunk = sock.recv(min(n, 1 << 20))
-            if not chunk:
-                raise EOFError("the other end of the keeper's socketpair closed")
-            chunks.append(chunk)
-            n -= len(chunk)
-        return b"".join(chunks)
-
-    (length,) = _FRAME.unpack(exact(_FRAME.size))
-    return pickle.loads(exact(length))
+    """One message from the other end of the socketpair (only ever our own process's
+    parent or child, so no seal); EOFError when it is gone."""
+    (length,) = _FRAME.unpack(_recv_exact(sock, _FRAME.size))
+    return pickle.loads(_recv_exact(sock, length))
 
 
 def _describe_exit(code: int | None) -> str:

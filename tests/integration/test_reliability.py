@@ -15,6 +15,7 @@ import pytest
 from procs import pids_matching
 
 import ringtrain
+from ringtrain.backends._hydra import _alive
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("spark", "no_leftover_workers")]
 
@@ -22,14 +23,6 @@ STALL_TIMEOUT = 8.0
 # Detection runs on heartbeats (1 s), the driver asks the missing ranks for their stacks
 # (up to 3 s), then every worker is stopped (a blocked one 1.5 s after SIGTERM).
 STALL_SLACK = 7.0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _sleep_in_python():
