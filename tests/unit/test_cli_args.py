@@ -291,3 +291,29 @@ def test_check_reports_missing_java(monkeypatch, capsys):
     assert cli.main(["check", "--no-smoke"]) == 1
     out = capsys.readouterr()
     assert "JDK 17" in out.out and "missing java" in out.err
+
+
+def test_restart_and_job_dir_flags(monkeypatch, tmp_path):
+    _, cfg = parse("--max-restarts", "2", "--job-dir", str(tmp_path), "train.py")
+    assert cfg.max_restarts == 2 and cfg.job_dir == str(tmp_path)
+    assert cfg.results == "none"  # a script's exit is its result: no return value travels
+    monkeypatch.setenv("RINGTRAIN_MAX_RESTARTS", "3")
+    monkeypatch.setenv("RINGTRAIN_JOB_DIR", "/shared/jobs/a")
+    _, cfg = parse("train.py")
+    assert cfg.max_restarts == 3 and cfg.job_dir == "/shared/jobs/a"
+    _, cfg = parse("--max-restarts", "0", "--job-dir", "/other", "train.py")
+    assert cfg.max_restarts == 0 and cfg.job_dir == "/other"  # flags win
+    _, cfg = parse("train.py")
+    assert cfg.max_restarts == 3
+    monkeypatch.delenv("RINGTRAIN_MAX_RESTARTS")
+    monkeypatch.delenv("RINGTRAIN_JOB_DIR")
+    _, cfg = parse("train.py")
+    assert cfg.max_restarts == 0 and cfg.job_dir is None
+
+
+def test_help_lists_the_new_flags(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["launch", "--help"])
+    out = capsys.readouterr().out
+    for text in ("--max-restarts N", "--job-dir DIR", "RINGTRAIN_MAX_RESTARTS", "RINGTRAIN_JOB_DIR"):
+        assert text in out
