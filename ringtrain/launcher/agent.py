@@ -118,10 +118,19 @@ class DriverLink:
     connection's loss, the driver's silence, or the Spark task's loss.
     """
 
-    def __init__(self, conn: Any, heartbeat_timeout: float, max_queued_logs: int = 10_000):
+    def __init__(
+        self,
+        conn: Any,
+        heartbeat_timeout: float,
+        max_queued_logs: int = 10_000,
+        partition: int = 0,
+    ):
         self._conn = conn
         self._heartbeat_timeout = heartbeat_timeout
         self._max_logs = max_queued_logs
+        self._partition = partition
+        # What each heartbeat reports; the agent points it at its workers' progress.
+        self.progress: Callable[[], tuple] = tuple
         self._outbox: collections.deque = collections.deque()
         self._ready = threading.Condition()
         self._queued_logs = 0
@@ -135,6 +144,24 @@ class DriverLink:
         self._sender = threading.Thread(target=self._send_loop, name="ringtrain-agent-send", daemon=True)
         self._sender.start()
         threading.Thread(target=self._listen, name="ringtrain-agent-listen", daemon=True).start()
+
+    def start_heartbeats(self, interval: float) -> None:
+        """Send a heartbeat every ``interval`` seconds, from its own thread, so the agent stays
+        visibly alive in every phase (a long rendezvous, mpiexec starting), not only while it
+        supervises workers."""
+        threading.Thread(
+            target=self._beat, args=(interval,), name="ringtrain-agent-beat", daemon=True
+        ).start()
+
+    def _beat(self, interval: float) -> None:
+        while not self._closing:
+            try:
+                ranks = self.progress()
+            except Exception as err:  # a progress file being replaced; report none this time
+                logger.debug("progress unreadable: %s", err)
+                ranks = ()
+            self.send(Heartbeat(self._partition, ranks))
+            time.sleep(interval)
 
     # -- outgoing
 
@@ -324,9 +351,10 @@ class TaskAgent:
 
     def run(self) -> None:
         conn = self._connect(self.job.driver, self.job.secret)
-        link = self._link = DriverLink(conn, self.job.heartbeat_timeout)
+        link = self._link = DriverLink(conn, self.job.heartbeat_timeout, partition=self.partition)
         host = conn.local_host()
         link.send(Hello(self.partition, host, os.getpid()))
+        link.start_heartbeats(self.job.heartbeat_interval)
         if self._lost:
             self.lose_task(self._lost)
         reservations: list[PortReservation] = []
@@ -394,7 +422,9 @@ class TaskAgent:
         """
         pending = set(group.ranks)
         sent: set[int] = set()
-        next_beat = 0.0
+        # Replaced, never mutated: the heartbeat thread reads it.
+        watched = [tuple(sorted(pending))]
+        link.progress = lambda: self._progress(group, watched[0])
         while pending:
             reason = link.wait_stop(0.05)
             if reason is not None:
@@ -412,6 +442,7 @@ class TaskAgent:
                 if code is None:
                     continue
                 pending.discard(rank)
+                watched[0] = tuple(sorted(pending))
                 group.drain(rank)
                 report = self._report(group, rank, code, rank in sent)
                 if report is not None:
@@ -425,15 +456,11 @@ class TaskAgent:
             while not link.stack_requests.empty():
                 request = link.stack_requests.get()
                 threading.Thread(target=self._send_stacks, args=(group, request, link), daemon=True).start()
-            now = time.monotonic()
-            if now >= next_beat:
-                next_beat = now + self.job.heartbeat_interval
-                link.send(Heartbeat(self.partition, self._progress(group, pending)))
 
-    def _progress(self, group: WorkerGroup, ranks: set[int]) -> tuple:
+    def _progress(self, group: WorkerGroup, ranks: tuple[int, ...]) -> tuple:
         now = time.monotonic()
         found = []
-        for rank in sorted(ranks):
+        for rank in ranks:
             host = group.spec(rank).host
             snap = progress.read(self.files.progress(rank))
             found.append(snap.as_rank_progress(rank, host, now) if snap else progress.no_progress(rank, host))

@@ -279,7 +279,7 @@ def test_heartbeats_carry_each_ranks_progress(tmp_path):
     h = Harness(tmp_path, {0: in_collective, 1: hangs})
     h.thread.start()
     h.until(lambda: any(b.ranks and b.ranks[0].collective for b in h.conn.of(Heartbeat)))
-    beat = [b for b in h.conn.of(Heartbeat) if b.ranks[0].collective][-1]
+    beat = [b for b in h.conn.of(Heartbeat) if b.ranks and b.ranks[0].collective][-1]
     zero, one = beat.ranks
     assert zero.collective == "allreduce(grads)" and zero.seq == 1
     assert one.silent_for is None  # no progress file: still starting up
@@ -364,3 +364,21 @@ def test_an_error_in_the_agent_itself_reaches_the_driver(tmp_path):
     (failed,) = h.conn.of(AgentFailed)
     assert isinstance(failed.error, ConfigError) and "gpus_per_worker=3" in failed.text
     assert isinstance(h.conn.sent[-1], Done)
+
+
+def test_heartbeats_flow_while_the_rendezvous_waits(tmp_path):
+    h = Harness(tmp_path, {0: hangs, 1: hangs})
+    gate = threading.Event()
+
+    def slow_gather(offer):
+        gate.wait(10)  # other tasks of the barrier are still starting
+        return [offer]
+
+    h.agent._all_gather = slow_gather
+    h.thread.start()
+    h.until(lambda: len(h.conn.of(Heartbeat)) >= 3)
+    assert h.group is None  # no worker yet, and the driver already hears the agent
+    gate.set()
+    h.until(lambda: h.group is not None)
+    h.conn.inbox.put(Abort("done"))
+    h.run()
