@@ -117,10 +117,10 @@ def measure_orphans(repeats: int) -> list[dict[str, Any]]:
                 keeper_gone: dict[str, float] = {}
 
                 def kill_task(folder: str = folder, killed: dict = killed, gone: dict = keeper_gone) -> None:
-                    target = Path(folder, "rank-1.json")
-                    while not target.exists():
+                    # Both ranks running: rank 0's tree is checked for leftovers too.
+                    while not all(Path(folder, f"rank-{r}.json").exists() for r in (0, 1)):
                         time.sleep(0.05)
-                    tree = json.loads(target.read_text())
+                    tree = json.loads(Path(folder, "rank-1.json").read_text())
                     killed["at"] = time.time()
                     os.kill(tree["task"], signal.SIGKILL)
                     while _alive(tree["keeper"]):

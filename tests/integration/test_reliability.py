@@ -140,7 +140,8 @@ def _spawn_grandchild_and_wait(folder):
 def test_killed_agent_leaves_no_process_or_directory(backend, victim, tmp_path):
     def kill_rank_one_host():
         deadline = time.monotonic() + 120
-        while not (tmp_path / "rank-1.json").exists() and time.monotonic() < deadline:
+        # Both ranks running (each with its grandchild), then rank 1's host goes.
+        while not all((tmp_path / f"rank-{r}.json").exists() for r in (0, 1)) and time.monotonic() < deadline:
             time.sleep(0.1)
         os.kill(json.loads((tmp_path / "rank-1.json").read_text())[victim], signal.SIGKILL)
 
