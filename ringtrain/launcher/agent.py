@@ -33,7 +33,6 @@ from typing import Any
 from .. import progress, rendezvous
 from ..errors import BackendStartError, Failure
 from ..protocol import (
-    STACK_SIGNAL,
     Abort,
     AgentFailed,
     BackendFailed,
@@ -303,15 +302,6 @@ class RankLogs:
             self._files.clear()
 
 
-def format_stacks(dump: str, main_thread: int) -> str:
-    """faulthandler's dump with the main thread first and ringtrain's own sampler left out."""
-    blocks = [b.strip("\n") for b in re.split(r"\n\s*\n", dump) if b.strip()]
-    marker = f"0x{main_thread:016x}"
-    main = [b for b in blocks if marker in b.splitlines()[0]]
-    others = [b for b in blocks if b not in main and "ringtrain/worker/_watch.py" not in b]
-    return "\n\n".join(main + others)
-
-
 class TaskAgent:
     """Runs one barrier task's share of the job. ``all_gather`` is the barrier's allGather.
 
@@ -486,29 +476,7 @@ class TaskAgent:
 
     def _send_stacks(self, group: WorkerGroup, request: StackRequest, link: DriverLink) -> None:
         for rank in sorted(set(request.ranks) & set(group.ranks)):
-            link.send(StackDump(rank, self.stacks_of(group, rank)))
-
-    def stacks_of(self, group: WorkerGroup, rank: int, wait: float = 2.0) -> str:
-        """Every Python thread's stack of a running rank, read through its stack signal."""
-        snap = progress.read(self.files.progress(rank))
-        if snap is None or group.poll(rank) is not None:
-            return "(no stack: the worker has not started Python yet, or has ended)"
-        path = self.files.stacks(rank)
-        path.write_bytes(b"")
-        try:
-            os.kill(snap.pid, STACK_SIGNAL)
-        except ProcessLookupError:
-            return "(no stack: the worker has ended)"
-        deadline = time.monotonic() + wait
-        size = -1
-        while time.monotonic() < deadline:
-            time.sleep(0.05)
-            now_size = path.stat().st_size if path.exists() else 0
-            if now_size and now_size == size:
-                break
-            size = now_size
-        text = path.read_text(errors="replace") if path.exists() else ""
-        return format_stacks(text, snap.main_thread) if text else "(no stack: the worker did not answer)"
+            link.send(StackDump(rank, group.stacks(rank)))
 
 
 def _picklable(err: BaseException) -> BaseException | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from typing import BinaryIO
 
 from .. import progress
 from ..errors import BackendError, BackendStartError
-from ..protocol import MpiLaunch, WorkDir
+from ..protocol import STACK_SIGNAL, MpiLaunch, WorkDir
 from ..rendezvous import TaskOffer, WorkerSpec
 
 logger = logging.getLogger(__name__)
@@ -119,6 +120,41 @@ class WorkerGroup(ABC):
         """The pid of the process running the rank's ``fn``, from its progress file."""
         snap = progress.read(self.files.progress(rank))
         return snap.pid if snap else None
+
+    def stacks(self, rank: int, wait: float = 2.0) -> str:
+        """Every Python thread's stack of a running rank, main thread first (faulthandler).
+
+        Works while the rank is stuck in native code. Only a rank whose progress file exists
+        is signalled: it registered the stack handler before creating that file.
+        """
+        snap = progress.read(self.files.progress(rank))
+        if snap is None or self.poll(rank) is not None:
+            return "(no stack: the worker has not started Python yet, or has ended)"
+        path = self.files.stacks(rank)
+        path.write_bytes(b"")
+        try:
+            os.kill(snap.pid, STACK_SIGNAL)
+        except ProcessLookupError:
+            return "(no stack: the worker has ended)"
+        deadline = time.monotonic() + wait
+        size = -1
+        while time.monotonic() < deadline:  # done once the dump stops growing
+            time.sleep(0.05)
+            now_size = path.stat().st_size if path.exists() else 0
+            if now_size and now_size == size:
+                break
+            size = now_size
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return format_stacks(text, snap.main_thread) if text else "(no stack: the worker did not answer)"
+
+
+def format_stacks(dump: str, main_thread: int) -> str:
+    """faulthandler's dump with the main thread first and ringtrain's own threads left out."""
+    blocks = [b.strip("\n") for b in re.split(r"\n\s*\n", dump) if b.strip()]
+    marker = f"0x{main_thread:016x}"
+    main = [b for b in blocks if marker in b.splitlines()[0]]
+    others = [b for b in blocks if b not in main and "ringtrain/worker/_watch.py" not in b]
+    return "\n\n".join(main + others)
 
 
 # How long after SIGTERM a worker may take to start handling it.

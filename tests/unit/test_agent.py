@@ -9,8 +9,8 @@ import time
 
 from ringtrain import progress
 from ringtrain.errors import BackendStartError, ConfigError
-from ringtrain.launcher.agent import DriverLink, RankLogs, TaskAgent, TaskJob, format_stacks
-from ringtrain.launcher.workers import WorkerGroup, is_blocked
+from ringtrain.launcher.agent import DriverLink, RankLogs, TaskAgent, TaskJob
+from ringtrain.launcher.workers import WorkerGroup, format_stacks, is_blocked
 from ringtrain.protocol import (
     Abort,
     AgentFailed,
