@@ -11,6 +11,9 @@ Three measurements, each through ``ringtrain.run`` on an embedded local Spark, 2
 - ``orphans``: SIGKILL the PySpark task process hosting rank 1 (as Spark does when it kills a
   task), whose worker has started a setsid grandchild; time until ``run`` raises, until the
   keeper (the task agent's process) has exited, and until no process of the job is left.
+- ``hook``: in this process, the cost of one collective's progress record (enter + leave,
+  against an empty ``with``) and of one sampler tick (with TensorFlow imported), from which
+  the overhead per training step follows without the noise of a whole run.
 - ``overhead``: step time of the ``benchmarks.cnn`` Inception v1 run on mpi with the
   stall inspector on (``RINGTRAIN_STALL_INSPECTOR=1``, the default: every collective
   recorded, the main thread sampled every heartbeat) and off, alternating in one session
@@ -18,7 +21,7 @@ Three measurements, each through ``ringtrain.run`` on an embedded local Spark, 2
 
 Usage::
 
-    python -m benchmarks.bench_reliability [kill] [stall] [orphans] [overhead] [--repeats N]
+    python -m benchmarks.bench_reliability [kill] [stall] [orphans] [hook] [overhead] [--repeats N]
         [--stall-timeout S] [--steps K] [--json FILE]
 
 Times of day are ``time.time()`` in the worker and the driver, which share one host here.
@@ -151,6 +154,49 @@ def measure_orphans(repeats: int) -> list[dict[str, Any]]:
     return records
 
 
+def measure_hook(repeats: int) -> list[dict[str, Any]]:
+    import contextlib
+    import timeit
+
+    from ringtrain import progress
+    from ringtrain.worker import _watch
+
+    records = []
+    with tempfile.TemporaryDirectory() as folder:
+        recorder = progress.FileRecorder(Path(folder, "progress-0"))
+        progress.install(recorder)
+        try:
+            for _ in range(repeats):
+                n = 200_000
+
+                def recorded() -> None:
+                    with progress.collective("grouped_allreduce(gradients)"):
+                        pass
+
+                def bare() -> None:
+                    with contextlib.nullcontext():
+                        pass
+
+                per_call = (timeit.timeit(recorded, number=n) - timeit.timeit(bare, number=n)) / n
+                records.append({"what": "hook", "seconds_per_collective": per_call})
+        finally:
+            progress.install(None)
+        import tensorflow as tf
+
+        tf.reduce_sum(tf.ones(3))  # TF's threads exist, as in a worker
+        sampler = _watch.Sampler(recorder, 1.0, _watch.SigtermGuard())
+
+        def tick() -> None:
+            sampler._guard.restore()
+            sampler.sample()
+
+        for _ in range(repeats):
+            records.append(
+                {"what": "sampler_tick", "seconds_per_tick": timeit.timeit(tick, number=2000) / 2000}
+            )
+    return records
+
+
 def _time_failure(fn, backend: str, expected: type) -> dict[str, Any]:
     import ringtrain
 
@@ -258,6 +304,12 @@ def _summary(records: list[dict[str, Any]]) -> list[str]:
                 f"keeper exited after {r['kill_to_keeper_exit_s']:.2f} s, "
                 f"nothing left {r['raise_to_nothing_left_s']:.2f} s after the raise"
             )
+    hooks = [r["seconds_per_collective"] * 1e6 for r in records if r["what"] == "hook"]
+    if hooks:
+        lines.append("collective record  " + ", ".join(f"{v:.2f}" for v in hooks) + " us per collective")
+    ticks = [r["seconds_per_tick"] * 1e6 for r in records if r["what"] == "sampler_tick"]
+    if ticks:
+        lines.append("sampler tick       " + ", ".join(f"{v:.1f}" for v in ticks) + " us, once per heartbeat")
     ratios = [r["on_over_off"] for r in records if r["what"] == "inspector_overhead"]
     if ratios:
         pairs = ", ".join(
@@ -277,13 +329,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("which", nargs="*", choices=["kill", "stall", "orphans", "overhead"], default=[])
+    parser.add_argument(
+        "which", nargs="*", choices=["kill", "stall", "orphans", "hook", "overhead"], default=[]
+    )
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--stall-timeout", type=float, default=20.0)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per overhead run")
     parser.add_argument("--json", help="append one JSON line per measurement here")
     ns = parser.parse_args(argv)
-    which = ns.which or ["kill", "stall", "orphans", "overhead"]
+    which = ns.which or ["kill", "stall", "orphans", "hook", "overhead"]
     os.environ.setdefault("RINGTRAIN_TF_THREADS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -296,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         records += measure_stall(ns.repeats, ns.stall_timeout)
     if "orphans" in which:
         records += measure_orphans(ns.repeats)
+    if "hook" in which:
+        records += measure_hook(max(ns.repeats, 3))
     if "overhead" in which:
         records += measure_overhead(ns.repeats, ns.steps)
     if ns.json:
