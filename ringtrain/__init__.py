@@ -29,15 +29,19 @@ from .collectives import (
     grouped_allreduce,
     join,
 )
-from .context import is_chief, local_rank, local_size, rank, size
+from .context import is_chief, job_dir, local_rank, local_size, rank, restart_count, size
 from .errors import (
+    AgentLostError,
     BackendError,
     ChannelError,
     ConfigError,
+    InfrastructureError,
     JobTimeoutError,
     ResourceError,
     RingtrainError,
+    StallError,
     WorkerError,
+    WorkerLostError,
 )
 
 __version__ = "0.1.0"
@@ -59,18 +63,24 @@ __all__ = [
     "grouped_allreduce",
     "join",
     "keras",
+    "AgentLostError",
     "BackendError",
     "ChannelError",
     "ConfigError",
+    "InfrastructureError",
     "JobTimeoutError",
     "ResourceError",
     "RingtrainError",
+    "StallError",
     "WorkerError",
+    "WorkerLostError",
     "__version__",
     "is_chief",
+    "job_dir",
     "local_rank",
     "local_size",
     "rank",
+    "restart_count",
     "run",
     "size",
     "tf",

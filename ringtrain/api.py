@@ -18,6 +18,9 @@ def run(
     num_proc: int | None = None,
     backend: str = "auto",
     return_all: bool = False,
+    timeout: float | None = None,
+    max_restarts: int = 0,
+    job_dir: str | None = None,
     **kwargs: Any,
 ) -> Any:
     """Run ``fn(*args, **kwargs)`` on ``num_proc`` workers of a Spark barrier job.
@@ -27,9 +30,18 @@ def run(
     collectives: NCCL on GPU, RING on CPU), "mpi" (one MPI world for ringtrain's
     fused collectives) or "auto": tf where GPUs are assigned, mpi on CPU, each
     falling back to the other if it cannot start. Returns rank
-    0's return value, or every rank's in rank order with ``return_all=True``.
-    Raises :class:`ringtrain.WorkerError` naming the failing rank(s) if any worker
-    fails; every other worker is stopped first.
+    0's return value, or every rank's in rank order with ``return_all=True``
+    (only the values asked for travel to the driver).
+
+    ``timeout`` (seconds) bounds the whole call, restarts included: past it every
+    worker is stopped and :class:`ringtrain.JobTimeoutError` is raised. A job whose
+    worker fails (or whose executor is lost, or that stalls) is started again up to
+    ``max_restarts`` times; inside ``fn``, :func:`ringtrain.restart_count` says which
+    attempt this is, and :func:`ringtrain.job_dir` is a directory kept across attempts
+    for checkpoints (``job_dir``: shared storage on a cluster; default
+    ``RINGTRAIN_JOB_DIR`` or a new local directory). Raises
+    :class:`ringtrain.WorkerError` naming the failing rank(s) if any worker fails;
+    every other worker is stopped first.
 
     Example::
 
@@ -45,7 +57,14 @@ def run(
     """
     if not callable(fn):
         raise ConfigError(f"fn must be callable, got {type(fn).__name__}")
-    config = JobConfig.from_env(num_proc=num_proc, backend=backend)
+    config = JobConfig.from_env(
+        num_proc=num_proc,
+        backend=backend,
+        timeout=timeout,
+        max_restarts=max_restarts,
+        job_dir=job_dir,
+        results="all" if return_all else "0",
+    )
     payload = serialize_task(FunctionTask(fn, args, kwargs))
     results = driver.launch(config, payload)
     values = [_load_result(results.get(rank)) for rank in sorted(results)]

@@ -43,6 +43,8 @@ FLAG_VARS = {
     "conf": "RINGTRAIN_CONF",
     "env": "RINGTRAIN_ENV",
     "timeout": "RINGTRAIN_TIMEOUT",
+    "max_restarts": "RINGTRAIN_MAX_RESTARTS",
+    "job_dir": "RINGTRAIN_JOB_DIR",
     "threads": "RINGTRAIN_TF_THREADS",
 }
 
@@ -75,7 +77,12 @@ exit status:
 
 
 def _launch_epilog() -> str:
-    flags = {"num_proc": "-np", "gpus_per_proc": "--gpus-per-proc"}
+    flags = {
+        "num_proc": "-np",
+        "gpus_per_proc": "--gpus-per-proc",
+        "max_restarts": "--max-restarts",
+        "job_dir": "--job-dir",
+    }
     lines = [
         f"  {name:<24}{flags.get(dest, '--' + dest)}: {env.VARS[name].doc.split(': ', 1)[-1]}"
         for dest, name in FLAG_VARS.items()
@@ -147,7 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=float,
         metavar="S",
-        help="stop every worker and fail after S seconds (default: no limit)",
+        help="stop every worker and fail after S seconds, restarts included (default: no limit)",
+    )
+    launch.add_argument(
+        "--max-restarts",
+        dest="max_restarts",
+        type=int,
+        metavar="N",
+        help="start a failed job again up to N times (default: 0)",
+    )
+    launch.add_argument(
+        "--job-dir",
+        dest="job_dir",
+        metavar="DIR",
+        help="the job directory, kept across restarts: rank logs and checkpoints; shared storage "
+        "on a cluster (default: a new local directory)",
     )
     launch.add_argument(
         "--threads",
@@ -228,6 +249,8 @@ def config_from_args(ns: argparse.Namespace) -> JobConfig:
         ("master", "master", str),
         ("gpus_per_proc", "gpus_per_worker", int),
         ("timeout", "timeout", float),
+        ("max_restarts", "max_restarts", int),
+        ("job_dir", "job_dir", str),
     ):
         value = pick(dest, parse)
         if value is not None:
@@ -241,7 +264,8 @@ def config_from_args(ns: argparse.Namespace) -> JobConfig:
     conf |= parse_pairs(ns.conf or (), "--conf")
     worker_env = parse_pairs(split_list(str(env.get("RINGTRAIN_ENV"))), "RINGTRAIN_ENV entry", True)
     worker_env |= parse_pairs(ns.env or (), "--env", env_names=True)
-    return JobConfig.from_env(spark_conf=conf, worker_env=worker_env, **overrides)
+    # A script's exit is its result: no return value travels to the driver.
+    return JobConfig.from_env(spark_conf=conf, worker_env=worker_env, results="none", **overrides)
 
 
 def resolve_script(path: str) -> str:

@@ -14,13 +14,20 @@ from .errors import ConfigError
 BACKENDS = ("auto", "tf", "mpi")
 
 
+# Whose return values travel to the driver (see RINGTRAIN_RESULTS).
+RESULTS = ("all", "0", "none")
+
+
 @dataclass(frozen=True)
 class JobConfig:
     """Everything the launcher needs to run one job.
 
     ``num_proc`` counts worker processes; ``None`` means every GPU, or every slot
     on CPU. ``worker_env`` is added to each worker's environment. ``timeout`` bounds
-    the job's wall-clock seconds; past it every worker is stopped.
+    the job's wall-clock seconds over all its attempts; past it every worker is
+    stopped. A failed job is started again up to ``max_restarts`` times, with the same
+    ``job_dir``. ``results`` says whose return values travel to the driver.
+    ``worker_settings`` are the forwarded RINGTRAIN_* values every worker gets.
     """
 
     num_proc: int | None = None
@@ -31,11 +38,20 @@ class JobConfig:
     threads_per_worker: int = 0
     gpus_per_worker: int = 1
     timeout: float | None = None
+    max_restarts: int = 0
+    job_dir: str | None = None
+    results: str = "all"
     start_timeout: float = 30.0
-    kill_grace: float = 3.0
+    kill_grace: float = 15.0
     abort_wait: float = 10.0
+    stall_warning: float = 60.0
+    stall_timeout: float = 600.0
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 30.0
+    channel_ports: tuple[int, int] | None = None
     legacy_keras: bool = True
     show_tf_noise: bool = False
+    worker_settings: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.num_proc is not None:
@@ -55,23 +71,59 @@ class JobConfig:
                 )
         if self.gpus_per_worker < 1:
             raise ConfigError(f"gpus_per_worker must be >= 1, got {self.gpus_per_worker}")
-        if self.timeout is not None and self.timeout <= 0:
-            raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}")
+        if self.timeout is not None:
+            object.__setattr__(self, "timeout", env.seconds(self.timeout, "timeout"))
+        for name in (
+            "start_timeout",
+            "kill_grace",
+            "abort_wait",
+            "stall_warning",
+            "heartbeat_interval",
+            "heartbeat_timeout",
+        ):
+            object.__setattr__(self, name, env.seconds(getattr(self, name), name))
+        object.__setattr__(self, "stall_timeout", env.seconds(self.stall_timeout, "stall_timeout", True))
+        if (
+            isinstance(self.max_restarts, bool)
+            or not isinstance(self.max_restarts, int)
+            or self.max_restarts < 0
+        ):
+            raise ConfigError(
+                f"max_restarts must be a whole number >= 0, got {self.max_restarts!r}; it counts how "
+                "many times a failed job is started again"
+            )
+        if self.job_dir is not None and (not isinstance(self.job_dir, str) or not self.job_dir.strip()):
+            raise ConfigError(f"job_dir must be a non-empty path, got {self.job_dir!r}")
+        if self.results not in RESULTS:
+            raise ConfigError(f"results must be one of {', '.join(RESULTS)}, got {self.results!r}")
         if self.threads_per_worker < 0:
             raise ConfigError(f"threads_per_worker must be >= 0, got {self.threads_per_worker}")
         object.__setattr__(self, "spark_conf", MappingProxyType(dict(self.spark_conf)))
         object.__setattr__(self, "worker_env", MappingProxyType(dict(self.worker_env)))
+        object.__setattr__(self, "worker_settings", MappingProxyType(dict(self.worker_settings)))
 
     @classmethod
     def from_env(cls, **overrides) -> JobConfig:
-        """A config whose tuning knobs come from RINGTRAIN_* variables, then ``overrides``."""
+        """A config whose tuning knobs come from RINGTRAIN_* variables, then ``overrides``.
+
+        Every variable the workers use is checked here, on the driver, so a bad value
+        fails before anything starts.
+        """
+        job_dir = str(env.get("RINGTRAIN_JOB_DIR")).strip()
         base = dict(
             threads_per_worker=env.get("RINGTRAIN_TF_THREADS"),
             start_timeout=env.get("RINGTRAIN_START_TIMEOUT"),
             kill_grace=env.get("RINGTRAIN_KILL_GRACE"),
             abort_wait=env.get("RINGTRAIN_ABORT_WAIT"),
+            stall_warning=env.get("RINGTRAIN_STALL_WARNING"),
+            stall_timeout=env.get("RINGTRAIN_STALL_TIMEOUT"),
+            heartbeat_interval=env.get("RINGTRAIN_HEARTBEAT_INTERVAL"),
+            heartbeat_timeout=env.get("RINGTRAIN_HEARTBEAT_TIMEOUT"),
+            channel_ports=env.get("RINGTRAIN_CHANNEL_PORTS"),
             legacy_keras=env.get("RINGTRAIN_LEGACY_KERAS"),
             show_tf_noise=env.get("RINGTRAIN_TF_NOISE"),
+            job_dir=job_dir or None,
         )
-        base.update(overrides)
+        base.update({k: v for k, v in overrides.items() if not (k == "job_dir" and v is None)})
+        base["worker_settings"] = env.worker_settings(base.get("worker_env"))
         return cls(**base)

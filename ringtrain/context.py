@@ -57,3 +57,29 @@ def local_size() -> int:
 def is_chief() -> bool:
     """True on rank 0, the worker that should save checkpoints and write logs."""
     return rank() == 0
+
+
+def restart_count() -> int:
+    """0 on a job's first attempt, then 1, 2, ... on each restart (see ``max_restarts``)."""
+    value = os.environ.get("RINGTRAIN_RESTART_COUNT")
+    if value is None:
+        raise RingtrainError(
+            "ringtrain.restart_count() works only inside a ringtrain worker: inside the function "
+            "given to ringtrain.run or a script run by `ringtrain launch`"
+        )
+    return int(value)
+
+
+def job_dir() -> str:
+    """The job's directory, the same on every attempt: ``logs/rank-N.log`` and your checkpoints.
+
+    It is ``run(job_dir=...)`` / ``ringtrain launch --job-dir`` / ``RINGTRAIN_JOB_DIR`` when
+    given (use shared storage on a cluster), else a new local directory per job.
+    """
+    value = os.environ.get("RINGTRAIN_JOB_DIR") if "RINGTRAIN_RESTART_COUNT" in os.environ else None
+    if not value:
+        raise RingtrainError(
+            "ringtrain.job_dir() works only inside a ringtrain worker: inside the function given "
+            "to ringtrain.run or a script run by `ringtrain launch`"
+        )
+    return value

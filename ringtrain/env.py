@@ -6,8 +6,10 @@ This table is the one place such a variable is named. Read values through
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .errors import ConfigError
@@ -15,17 +17,80 @@ from .errors import ConfigError
 
 @dataclass(frozen=True)
 class Var:
+    """One variable. ``forward``: the driver's value is passed to every worker, so all ranks agree."""
+
     name: str
     default: str
     parse: Callable[[str], object]
     doc: str
+    forward: bool = False
+
+
+def seconds(value: object, what: str, allow_zero: bool = False) -> float:
+    """``value`` as a finite number of seconds, > 0 (or >= 0); ConfigError naming ``what`` if not."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a number of seconds, got {value!r}") from None
+    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{what} must be a finite number of seconds {bound}, got {value!r}")
+    return number
 
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if value <= 0:
-        raise ValueError("must be > 0")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("must be a finite number > 0")
     return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("must be a finite number >= 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be >= 1")
+    return value
+
+
+_BYTES = re.compile(r"^(\d+)\s*(?:([kmgt])(?:i?b)?|b)?$", re.IGNORECASE)
+
+
+def byte_count(text: str) -> int:
+    """``"128M"``-style sizes: a whole number of bytes with an optional K/M/G/T (binary) suffix."""
+    match = _BYTES.match(text.strip())
+    if not match:
+        raise ValueError("must be a whole number of bytes, optionally with K, M or G (e.g. 128M)")
+    power = " kmgt".index(match.group(2).lower()) if match.group(2) else 0
+    return int(match.group(1)) << (10 * power)
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower() or allowed[0]
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def port_range(text: str) -> tuple[int, int] | None:
+    """``"40000-40100"`` (or one port) to an inclusive range; empty means any free port."""
+    text = text.strip()
+    if not text:
+        return None
+    low, _, high = text.partition("-")
+    first, last = int(low), int(high or low)
+    if not 1 <= first <= last <= 65535:
+        raise ValueError("must be LOW-HIGH with 1 <= LOW <= HIGH <= 65535")
+    return first, last
 
 
 def _non_negative_int(text: str) -> int:
@@ -55,15 +120,60 @@ VARS: dict[str, Var] = {
         ),
         Var(
             "RINGTRAIN_KILL_GRACE",
-            "3",
+            "15",
             _positive_float,
-            "Seconds between SIGTERM and SIGKILL when workers are stopped.",
+            "Seconds a stopped worker has between SIGTERM and SIGKILL: time to write a checkpoint, "
+            "run atexit handlers and flush. Workers that exit sooner end the wait sooner.",
+            forward=True,
         ),
         Var(
             "RINGTRAIN_ABORT_WAIT",
             "10",
             _positive_float,
-            "Seconds the driver waits for task agents to confirm their workers stopped after a failure.",
+            "Seconds, on top of RINGTRAIN_KILL_GRACE, the driver waits for task agents to confirm "
+            "their workers stopped.",
+        ),
+        Var(
+            "RINGTRAIN_STALL_WARNING",
+            "60",
+            _positive_float,
+            "Seconds some ranks may wait in a collective that others have not entered before the "
+            "driver prints a stall warning naming both.",
+        ),
+        Var(
+            "RINGTRAIN_STALL_TIMEOUT",
+            "600",
+            _non_negative_float,
+            "Seconds of such a stall after which the job fails with StallError; 0 never fails it.",
+        ),
+        Var(
+            "RINGTRAIN_STALL_INSPECTOR",
+            "1",
+            _flag,
+            "1 makes every worker record its collectives and sample its main thread for the stall "
+            "inspector; 0 turns that off (and stall detection with it). Liveness heartbeats stay on.",
+            forward=True,
+        ),
+        Var(
+            "RINGTRAIN_HEARTBEAT_INTERVAL",
+            "1",
+            _positive_float,
+            "Seconds between heartbeats, both ways between driver and task agents, and between "
+            "progress samples in each worker.",
+            forward=True,
+        ),
+        Var(
+            "RINGTRAIN_HEARTBEAT_TIMEOUT",
+            "30",
+            _positive_float,
+            "Seconds of silence after which the driver declares a task agent lost, and an agent "
+            "declares the driver gone and stops its workers.",
+        ),
+        Var(
+            "RINGTRAIN_CHANNEL_PORTS",
+            "",
+            port_range,
+            "Port range of the driver's control channel, LOW-HIGH; empty takes any free port.",
         ),
         Var(
             "RINGTRAIN_TF_THREADS",
@@ -97,26 +207,31 @@ VARS: dict[str, Var] = {
             _flag,
             "1 makes workers keep freed blocks up to 32 MiB in the heap (glibc mallopt), so each "
             "step's gradient arrays reuse memory instead of page-faulting fresh mappings.",
+            forward=True,
         ),
-        # Fused buffers: parsed by ringtrain.fusion, which reads them at import.
+        # Fused buffers: used by ringtrain.fusion in the workers; checked on the driver and
+        # forwarded, so every rank buckets the same way.
         Var(
             "RINGTRAIN_FUSION_THRESHOLD",
             "128M",
-            str,
+            byte_count,
             "Fused-buffer bucket size in bytes (K/M/G suffixes accepted); 0 puts every tensor alone.",
+            forward=True,
         ),
         Var(
             "RINGTRAIN_FUSION_IMPL",
             "auto",
-            str,
+            _choice("auto", "native", "numpy"),
             "auto uses the native extension when built; numpy forces the twin; "
             "native requires the extension.",
+            forward=True,
         ),
         Var(
             "RINGTRAIN_FUSION_THREADS",
             "1",
-            str,
+            _positive_int,
             "Threads the native extension may use to pack or unpack one buffer.",
+            forward=True,
         ),
         # Read by `ringtrain launch` only, as defaults for its flags; a flag beats its variable.
         Var(
@@ -155,27 +270,59 @@ VARS: dict[str, Var] = {
             "RINGTRAIN_TIMEOUT",
             "",
             str,
-            "`ringtrain launch --timeout`: job wall-clock limit in seconds; unset means none.",
+            "`ringtrain launch --timeout`: job wall-clock limit in seconds, over all attempts; "
+            "unset means none.",
+        ),
+        Var(
+            "RINGTRAIN_MAX_RESTARTS",
+            "",
+            str,
+            "`ringtrain launch --max-restarts`: times a failed job is started again; unset means 0.",
+        ),
+        Var(
+            "RINGTRAIN_JOB_DIR",
+            "",
+            str,
+            "The job directory (`run(job_dir=)`, `ringtrain launch --job-dir`): rank logs and "
+            "checkpoints, kept across restarts; use shared storage on a cluster. Unset: a new "
+            "local directory per job. Inside a worker it holds the job's directory.",
         ),
     )
 }
 
 
-# Set by the task agent for its workers; not meant to be set by users.
+# Set by the driver or the task agent for the workers; not meant to be set by users.
 INTERNAL = {
     "RINGTRAIN_WORKDIR": "the worker's private directory (payload, result, error files)",
     "RINGTRAIN_PARENT_PID": "the agent's pid, checked when the worker asks to die with its parent",
     "RINGTRAIN_LOCAL_ENVS": "mpi backend: each local rank's placement, keyed by PMI rank",
+    "RINGTRAIN_RESTART_COUNT": "which attempt this is: 0 first, then 1, 2, ... (ringtrain.restart_count())",
+    "RINGTRAIN_RESULTS": "whose return values travel to the driver: all, none, or a comma list of ranks",
 }
 
 
-def get(name: str):
+def get(name: str, environ: Mapping[str, str] | None = None):
     """Return the parsed value of ``name``, from the environment or its default."""
     var = VARS[name]
-    raw = os.environ.get(name, var.default)
+    raw = (os.environ if environ is None else environ).get(name, var.default)
     try:
         return var.parse(raw)
     except ValueError as err:
         raise ConfigError(
             f"{name}={raw!r} is not valid ({err}). {var.doc} Default: {var.default!r}."
         ) from None
+
+
+def worker_settings(overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The forwarded variables' values for every worker, each checked here on the driver.
+
+    The driver's environment (or its default) supplies each one, and ``overrides`` (the
+    job's own worker environment) wins; a bad value is a ConfigError before anything starts.
+    """
+    merged = {**os.environ, **(overrides or {})}
+    settings = {}
+    for var in VARS.values():
+        if var.forward:
+            get(var.name, merged)
+            settings[var.name] = merged.get(var.name, var.default)
+    return settings

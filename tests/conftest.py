@@ -35,10 +35,11 @@ def spark():
 
 @pytest.fixture
 def no_leftover_workers():
-    """Fails the test if any worker process it started is still alive afterwards."""
-    from procs import wait_for_no_workers, worker_pids
+    """Fails the test if any worker or keeper process it started is still alive afterwards."""
+    from procs import KEEPER, wait_for_no_workers, worker_pids
 
-    before = set(worker_pids())
+    before = set(worker_pids()) | set(worker_pids(KEEPER))
     yield
     left = wait_for_no_workers(exclude=before, timeout=2.0)
-    assert not left, f"worker processes outlived the job: {left}"
+    left += wait_for_no_workers(exclude=before, timeout=2.0, pattern=KEEPER)
+    assert not left, f"worker or keeper processes outlived the job: {left}"

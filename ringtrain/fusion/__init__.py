@@ -398,12 +398,24 @@ def fusion_threads() -> int:
     return int(raw)
 
 
-if _native is not None:
-    _native.set_threading(fusion_threads(), _native.get_threading()[1])
+_SELECTED: FusedBuffers | None = None
 
-_SELECTED = select_implementation()
-IMPLEMENTATION: str = _SELECTED.name
-"""The implementation behind :func:`pack` and :func:`unpack`: "native" or "numpy"."""
+
+def _selected() -> FusedBuffers:
+    """The implementation in use, chosen on first use: a bad variable never breaks an import."""
+    global _SELECTED
+    if _SELECTED is None:
+        if _native is not None:
+            _native.set_threading(fusion_threads(), _native.get_threading()[1])
+        _SELECTED = select_implementation()
+    return _SELECTED
+
+
+def __getattr__(name: str) -> Any:
+    # IMPLEMENTATION: the implementation behind pack() and unpack(), "native" or "numpy".
+    if name == "IMPLEMENTATION":
+        return _selected().name
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------- public API
@@ -419,7 +431,7 @@ def pack(arrays: Sequence[Any], out: np.ndarray | None = None, compress: str | N
     (round to nearest even); other dtypes travel uncompressed. ``out`` must not
     overlap the arrays. An empty ``arrays`` gives an empty buffer.
     """
-    return _SELECTED.pack(arrays, out=out, compress=compress)
+    return _selected().pack(arrays, out=out, compress=compress)
 
 
 def unpack(
@@ -447,4 +459,4 @@ def unpack(
       ``1/n`` for a whole ``n``, and the result is ``x // n`` (rounding toward
       minus infinity, as numpy's ``floor_divide``); anything else raises ConfigError.
     """
-    return _SELECTED.unpack(buffer, like, scale=scale, compress=compress, out=out)
+    return _selected().unpack(buffer, like, scale=scale, compress=compress, out=out)

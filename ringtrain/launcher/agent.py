@@ -1,61 +1,62 @@
-"""The task agent: runs inside one Spark barrier task and owns that task's workers.
+"""The task agent: one barrier task's share of the job, from rendezvous to the last exit.
 
-It joins the rendezvous, starts one fresh Python worker per assigned GPU (one on
-CPU), forwards their output and results to the driver, and stops every worker it
-started, whatever way the task ends.
+:func:`run_task` is the Spark-facing entry: the barrier stage calls it with the task's
+partition, GPUs and ``allGather``. It starts a keeper process (see :mod:`.keeper`) in
+which :class:`TaskAgent` runs. The agent connects to the driver, joins the rendezvous,
+starts the task's workers as a :class:`~.workers.WorkerGroup`, and supervises them:
+it forwards their output (and writes every line to the job directory's rank log),
+reports each result and failure, sends a heartbeat with each rank's progress, answers
+the driver's stack requests, and stops every worker it started however the task ends.
+
+Nothing here imports pyspark: the agent is tested with fake worker groups, a fake
+connection and a fake allGather.
 """
 
 from __future__ import annotations
 
+import collections
 import importlib.util
-import json
 import logging
 import os
 import queue
 import re
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .. import rendezvous
-from ..errors import BackendError
+from .. import progress, rendezvous
+from ..errors import BackendStartError, Failure
+from ..protocol import (
+    Abort,
+    AgentFailed,
+    BackendFailed,
+    Done,
+    Failed,
+    Heartbeat,
+    Hello,
+    Log,
+    LogsDropped,
+    MpiLaunch,
+    Ping,
+    Release,
+    Result,
+    StackDump,
+    StackRequest,
+    TaskLost,
+    WorkDir,
+    write_atomic,
+)
 from . import channel
 from .ports import PortReservation
+from .workers import MpiGroup, MpiRelay, ProcessGroup, WorkerGroup
 
 logger = logging.getLogger(__name__)
-
-PAYLOAD_FILE = "payload.pkl"
-
-
-def result_file(workdir: str | Path, rank: int) -> Path:
-    return Path(workdir) / f"result-{rank}.pkl"
-
-
-def error_file(workdir: str | Path, rank: int) -> Path:
-    return Path(workdir) / f"error-{rank}.txt"
-
-
-def release_file(workdir: str | Path) -> Path:
-    """Created once every rank of the job has a result: until then finished workers wait."""
-    return Path(workdir) / "release"
-
-
-def status_file(workdir: str | Path, rank: int) -> Path:
-    """Where an MPI rank's launcher shim records the rank's exit status."""
-    return Path(workdir) / f"status-{rank}"
-
-
-def output_fifo(workdir: str | Path, rank: int, stream: str) -> Path:
-    """The FIFO an MPI rank writes its stdout or stderr into, read by its task agent."""
-    return Path(workdir) / f"{stream}-{rank}.fifo"
-
 
 # TensorFlow's C++ start-up lines (absl/glog format) at INFO and WARNING level, the
 # absl pre-init notice, and the cuInit error every CPU-only worker prints.
@@ -82,175 +83,10 @@ class TaskJob:
     kill_grace: float
     show_tf_noise: bool
     gpus_per_worker: int = 1
-
-
-class _OutputForwarder:
-    """Sends a worker's output to the driver line by line, minus TF's start-up noise."""
-
-    def __init__(self, rank: int, send: Callable[[tuple], None], show_tf_noise: bool):
-        self._rank = rank
-        self._send = send
-        self._show_tf_noise = show_tf_noise
-        self._readers: list[threading.Thread] = []
-
-    def follow(self, open_pipe: Callable[[], object], stream: str) -> None:
-        thread = threading.Thread(target=self._forward, args=(open_pipe, stream), daemon=True)
-        thread.start()
-        self._readers.append(thread)
-
-    def _forward(self, open_pipe, stream: str) -> None:
-        pipe = open_pipe()
-        for raw in iter(pipe.readline, b""):
-            line = raw.decode("utf-8", errors="replace").rstrip("\n")
-            if stream == "stderr" and not self._show_tf_noise and is_tf_noise(line):
-                continue
-            try:
-                self._send(("log", self._rank, stream, line))
-            except OSError:
-                pass
-        pipe.close()
-
-    def drain(self, timeout: float = 5.0) -> None:
-        """Wait for the readers, so every line is sent before the worker's exit report."""
-        for reader in self._readers:
-            reader.join(timeout)
-
-
-class WorkerProcess:
-    """One worker child of the agent (tf backend), in its own session."""
-
-    def __init__(
-        self,
-        spec: rendezvous.WorkerSpec,
-        argv: list[str],
-        env: dict[str, str],
-        send: Callable[[tuple], None],
-        show_tf_noise: bool,
-    ):
-        self.spec = spec
-        self.proc = subprocess.Popen(
-            argv,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        self._output = _OutputForwarder(spec.rank, send, show_tf_noise)
-        self._output.follow(lambda: self.proc.stdout, "stdout")
-        self._output.follow(lambda: self.proc.stderr, "stderr")
-
-    def drain(self) -> None:
-        self._output.drain()
-
-    def poll(self) -> int | None:
-        return self.proc.poll()
-
-    def signal_group(self, sig: int) -> None:
-        try:
-            os.killpg(self.proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-class MpiRank:
-    """One MPI rank of this task. Hydra's proxy starts it, not the agent, so the rank's
-    launcher shim reports its exit status in a file and its output comes through FIFOs.
-
-    Create it before the proxy starts (the shim opens the FIFOs at once), then attach the proxy.
-    """
-
-    def __init__(
-        self, spec: rendezvous.WorkerSpec, workdir: str, send: Callable[[tuple], None], show_tf_noise: bool
-    ):
-        self.spec = spec
-        self._workdir = workdir
-        self._proxy: subprocess.Popen | None = None
-        self._proxy_log: list[str] = []
-        self._returncode: int | None = None
-        self._fifos = [output_fifo(workdir, spec.rank, stream) for stream in ("stdout", "stderr")]
-        for fifo in self._fifos:
-            os.mkfifo(fifo)
-        self._output = _OutputForwarder(spec.rank, send, show_tf_noise)
-        for fifo, stream in zip(self._fifos, ("stdout", "stderr"), strict=True):
-            # Opening a FIFO for reading blocks until the rank opens it, so do it in the reader.
-            self._output.follow(lambda fifo=fifo: open(fifo, "rb"), stream)
-
-    def attach(self, proxy: subprocess.Popen, proxy_log: list[str]) -> None:
-        self._proxy = proxy
-        self._proxy_log = proxy_log
-
-    def poll(self) -> int | None:
-        if self._returncode is None:
-            status = status_file(self._workdir, self.spec.rank)
-            proxy_gone = self._proxy is None or self._proxy.poll() is not None
-            # Read the status after checking the proxy: a shim reports before its proxy exits.
-            if status.exists():
-                self._returncode = int(status.read_text())
-            elif proxy_gone:
-                # The proxy is gone and the rank's shim never reported: killed, or never started.
-                self._returncode = -signal.SIGKILL
-                tail = "\n".join(self._proxy_log[-20:])
-                error = error_file(self._workdir, self.spec.rank)
-                if tail and not error.exists():
-                    error.write_text(
-                        f"hydra_pmi_proxy ended before this rank reported; its last lines:\n{tail}\n"
-                    )
-        return self._returncode
-
-    def drain(self) -> None:
-        for fifo in self._fifos:
-            # Unblocks a reader still waiting in open() for a rank that never started.
-            try:
-                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-            except OSError:
-                pass
-        self._output.drain()
-
-
-# Execs argv[2:] after asking Linux to SIGKILL it when the process that started it dies
-# (the death signal survives exec). Run with -S, so it starts in milliseconds.
-_EXEC_WITH_PARENT_DEATH = (
-    "import ctypes, os, sys; "
-    "ctypes.CDLL(None).prctl(1, 9); "
-    "os.getppid() == int(sys.argv[1]) or os._exit(137); "
-    "os.execv(sys.argv[2], sys.argv[2:])"
-)
-
-
-def with_parent_death(argv: list[str]) -> list[str]:
-    """``argv`` wrapped so it dies with this agent even if the agent is SIGKILLed.
-
-    Hydra's mpiexec and proxies start in their own sessions and set no death signal, so
-    without this they (and the ranks under them) would outlive an agent that Spark kills.
-    """
-    return [sys.executable, "-S", "-c", _EXEC_WITH_PARENT_DEATH, str(os.getpid()), *argv]
-
-
-def _log_lines(pipe, source: str, keep: list[str]) -> None:
-    for raw in iter(pipe.readline, b""):
-        line = raw.decode("utf-8", errors="replace").rstrip()
-        logger.info("%s: %s", source, line)
-        keep.append(line)
-        del keep[:-50]
-    pipe.close()
-
-
-def stop_workers(workers: list[WorkerProcess], grace: float) -> None:
-    """SIGTERM each worker's process group, then SIGKILL whatever is left after ``grace``."""
-    for w in workers:
-        if w.poll() is None:
-            w.signal_group(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for w in workers:
-        try:
-            w.proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-    for w in workers:
-        # Also reaches grandchildren the worker left in its group.
-        w.signal_group(signal.SIGKILL)
-        w.proc.wait()
+    attempt: int = 0
+    job_dir: str = ""
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 30.0
 
 
 def worker_environ(job: TaskJob, spec: rendezvous.WorkerSpec) -> dict[str, str]:
@@ -271,200 +107,406 @@ def worker_environ(job: TaskJob, spec: rendezvous.WorkerSpec) -> dict[str, str]:
     return env
 
 
-class TaskAgent:
-    """Runs one barrier task's share of the job. ``all_gather`` is the barrier's allGather."""
+class DriverLink:
+    """The agent's end of the control channel: a sender, a listener, liveness.
+
+    Control messages are never dropped. Log lines are: when more than ``max_queued_logs``
+    wait (the driver or the network is slower than the workers' output), further lines
+    are skipped and counted, and the driver is told how many; the rank's log file in the
+    job directory still has them. ``stop_reason`` is set once: the driver's abort, the
+    connection's loss, the driver's silence, or the Spark task's loss.
+    """
 
     def __init__(
-        self, job: TaskJob, partition: int, gpus: tuple[str, ...], all_gather: Callable[[str], list[str]]
+        self,
+        conn: Any,
+        heartbeat_timeout: float,
+        max_queued_logs: int = 10_000,
+        partition: int = 0,
     ):
-        self.job = job
-        self.partition = partition
-        self.gpus = gpus
-        self._all_gather = all_gather
-        self._abort = threading.Event()
-        self._release = threading.Event()
-        self._launch: queue.Queue = queue.Queue()
-        self._cleanups: list[Callable[[], None]] = []
+        self._conn = conn
+        self._heartbeat_timeout = heartbeat_timeout
+        self._max_logs = max_queued_logs
+        self._partition = partition
+        # What each heartbeat reports; the agent points it at its workers' progress.
+        self.progress: Callable[[], tuple] = tuple
+        self._outbox: collections.deque = collections.deque()
+        self._ready = threading.Condition()
+        self._queued_logs = 0
+        self._dropped: dict[int, int] = {}
+        self._closing = False
+        self._stopped = threading.Event()
+        self.stop_reason: str | None = None
+        self.released = threading.Event()
+        self.launches: queue.Queue[MpiLaunch] = queue.Queue()
+        self.stack_requests: queue.Queue[StackRequest] = queue.Queue()
+        self._sender = threading.Thread(target=self._send_loop, name="ringtrain-agent-send", daemon=True)
+        self._sender.start()
+        threading.Thread(target=self._listen, name="ringtrain-agent-listen", daemon=True).start()
 
-    def run(self) -> None:
-        conn = channel.connect(self.job.driver, self.job.secret)
-        workdir = tempfile.mkdtemp(prefix=f"ringtrain-p{self.partition}-")
-        try:
-            threading.Thread(target=self._listen, args=(conn,), daemon=True).start()
-            per_worker = self.job.gpus_per_worker
-            reservations = [
-                PortReservation() for _ in range(rendezvous.workers_per_task(self.gpus, per_worker))
-            ]
-            self._cleanups.append(lambda: [r.close() for r in reservations])
-            offer = rendezvous.TaskOffer(
-                self.partition, conn.local_host(), tuple(r.port for r in reservations), self.gpus, per_worker
-            )
-            offers = [rendezvous.TaskOffer.from_json(s) for s in self._all_gather(offer.to_json())]
-            specs = [s for s in rendezvous.plan(offers) if s.partition == self.partition]
-            Path(workdir, PAYLOAD_FILE).write_bytes(self.job.payload)
-            if self.job.backend == "mpi":
-                workers = self._start_mpi(specs, offers, conn, workdir)
-            elif importlib.util.find_spec("tensorflow") is None:
-                conn.send(
-                    ("backend_failed", self.partition, f"tensorflow is not installed for {sys.executable}")
-                )
-                workers = []
-            else:
-                workers = self._start_processes(specs, conn, workdir)
-            if workers:
-                self._supervise(workers, conn, workdir)
-        finally:
-            # Last registered, first undone: workers stop before their ports are released.
-            for cleanup in reversed(self._cleanups):
-                cleanup()
-            shutil.rmtree(workdir, ignore_errors=True)
-            try:
-                conn.send(("done", self.partition))
-            except OSError:
-                pass
-            conn.close()
-
-    def _start_processes(self, specs, conn: channel.Connection, workdir: str) -> list[WorkerProcess]:
-        argv = [sys.executable, "-m", "ringtrain.worker", workdir]
-        workers: list[WorkerProcess] = []
-        self._cleanups.append(lambda: stop_workers(workers, self.job.kill_grace))
-        for spec in specs:
-            env = worker_environ(self.job, spec)
-            workers.append(WorkerProcess(spec, argv, env, conn.send, self.job.show_tf_noise))
-        return workers
-
-    def _start_mpi(self, specs, offers, conn: channel.Connection, workdir: str) -> list[MpiRank]:
-        """Form the MPI world: partition 0 runs mpiexec, every task runs its own Hydra proxy."""
-        from ..backends import _hydra
-
-        ordered = sorted(offers, key=lambda o: o.partition)
-        index = [o.partition for o in ordered].index(self.partition)
-        if index == 0:
-            try:
-                cmd = with_parent_death(
-                    _hydra.build_mpiexec_command(
-                        [o.num_workers for o in ordered],
-                        [sys.executable, "-m", "ringtrain.worker"],
-                        control_host=conn.local_host(),
-                    )
-                )
-                launch = _hydra.start_mpiexec(cmd, on_line=lambda line: logger.info("mpiexec: %s", line))
-                self._cleanups.append(lambda: launch.terminate(self.job.kill_grace))
-                launch_info = json.dumps({"proxies": launch.proxies})
-            except BackendError as err:
-                launch_info = json.dumps({"error": str(err)})
-            # Relayed to every agent by the driver: a barrier allGather would cost a second,
-            # since Spark checks its barrier futures once a second.
-            conn.send(("mpi_launch", launch_info))
-        info = self._wait_for_launch()
-        if info is None:
-            return []
-        if "error" in info:
-            conn.send(("backend_failed", self.partition, info["error"]))
-            return []
-        env = worker_environ(self.job, specs[0])
-        env.update(
-            RINGTRAIN_WORKDIR=workdir,
-            # Hydra starts every local rank with this one environment; each rank's shim
-            # picks its own placement from this table by PMI_RANK.
-            RINGTRAIN_LOCAL_ENVS=json.dumps({str(s.rank): s.environ() for s in specs}),
-            RINGTRAIN_PARENT_PID="0",
-        )
-        ranks = [MpiRank(spec, workdir, conn.send, self.job.show_tf_noise) for spec in specs]
-        try:
-            proxy = _hydra.start_proxy(
-                with_parent_death(info["proxies"][index]),
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )
-        except BackendError as err:
-            conn.send(("backend_failed", self.partition, str(err)))
-            return []
-        self._cleanups.append(lambda: _hydra.terminate_group(proxy, self.job.kill_grace))
-        # Hydra's own diagnostics (teardown complaints included) go to the executor log, not
-        # into the user's output; the tail explains a rank that never reported.
-        proxy_log: list[str] = []
+    def start_heartbeats(self, interval: float) -> None:
+        """Send a heartbeat every ``interval`` seconds, from its own thread, so the agent stays
+        visibly alive in every phase (a long rendezvous, mpiexec starting), not only while it
+        supervises workers."""
         threading.Thread(
-            target=_log_lines, args=(proxy.stdout, "hydra proxy", proxy_log), daemon=True
+            target=self._beat, args=(interval,), name="ringtrain-agent-beat", daemon=True
         ).start()
-        for rank in ranks:
-            rank.attach(proxy, proxy_log)
-        return ranks
 
-    def _listen(self, conn: channel.Connection) -> None:
-        """Takes the driver's release and MPI launch relay; anything else is an abort, and so is
-        losing the driver."""
+    def _beat(self, interval: float) -> None:
+        while not self._closing:
+            try:
+                ranks = self.progress()
+            except Exception as err:  # a progress file being replaced; report none this time
+                logger.debug("progress unreadable: %s", err)
+                ranks = ()
+            self.send(Heartbeat(self._partition, ranks))
+            time.sleep(interval)
+
+    # -- outgoing
+
+    def send(self, message: Any) -> None:
+        with self._ready:
+            if not self._closing:
+                self._outbox.append(message)
+                self._ready.notify()
+
+    def send_log(self, log: Log) -> None:
+        with self._ready:
+            if self._closing:
+                return
+            if self._queued_logs >= self._max_logs:
+                self._dropped[log.rank] = self._dropped.get(log.rank, 0) + 1
+                return
+            self._queued_logs += 1
+            self._outbox.append(log)
+            self._ready.notify()
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._ready:
+                while not self._outbox and not self._closing:
+                    self._ready.wait()
+                if not self._outbox:
+                    return
+                message = self._outbox.popleft()
+                if isinstance(message, Log):
+                    self._queued_logs -= 1
+                dropped, self._dropped = self._dropped, {}
+            try:
+                for rank, count in dropped.items():
+                    self._conn.send(LogsDropped(rank, count))
+                self._conn.send(message)
+            except OSError:
+                self.stop("lost the connection to the driver")
+                with self._ready:
+                    self._outbox.clear()
+                    self._queued_logs = 0
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is queued (within ``timeout``), then close the connection."""
+        with self._ready:
+            self._closing = True
+            self._ready.notify()
+        self._sender.join(timeout)
+        self._conn.close()
+
+    # -- incoming
+
+    def _listen(self) -> None:
         try:
             while True:
-                message = conn.recv()
-                if message[0] == "release":
-                    self._release.set()
-                    continue
-                if message[0] != "mpi_launch":
-                    logger.info("partition %s: driver asked to stop: %s", self.partition, message)
-                    break
-                self._launch.put(json.loads(message[1]))
-        except (OSError, EOFError):
-            pass
-        self._abort.set()
+                message = self._conn.recv()
+                if isinstance(message, Release):
+                    self.released.set()
+                elif isinstance(message, Abort):
+                    self.stop(f"the driver stopped the job: {message.reason}")
+                elif isinstance(message, MpiLaunch):
+                    self.launches.put(message)
+                elif isinstance(message, StackRequest):
+                    self.stack_requests.put(message)
+                elif not isinstance(message, Ping):
+                    logger.warning("ignoring an unknown control message %r", type(message).__name__)
+        except Exception:  # EOF, a reset, a bad frame: the driver is gone to us
+            if not self._closing:
+                self.stop("lost the connection to the driver")
 
-    def _wait_for_launch(self) -> dict | None:
-        """Partition 0's proxy commands (or why there are none); None if the job is aborted first."""
-        while not self._abort.is_set():
+    def stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self._stopped.set()
+
+    def wait_stop(self, timeout: float) -> str | None:
+        """Why this task must stop, waiting up to ``timeout`` seconds; None to carry on."""
+        if self._stopped.wait(timeout):
+            return self.stop_reason
+        silent = time.monotonic() - self._conn.last_heard
+        if silent > self._heartbeat_timeout:
+            self.stop(f"the driver has sent nothing for {silent:.0f} s (RINGTRAIN_HEARTBEAT_TIMEOUT)")
+            return self.stop_reason
+        return None
+
+
+class _LinkRelay(MpiRelay):
+    def __init__(self, link: DriverLink):
+        self._link = link
+
+    def publish(self, launch: MpiLaunch) -> None:
+        # Relayed to every agent by the driver: a barrier allGather would cost a second,
+        # since Spark checks its barrier futures once a second.
+        self._link.send(launch)
+
+    def wait(self) -> MpiLaunch | None:
+        while self._link.wait_stop(0) is None:
             try:
-                return self._launch.get(timeout=0.1)
+                return self._link.launches.get(timeout=0.1)
             except queue.Empty:
                 continue
         return None
 
-    def _supervise(self, workers: list, conn: channel.Connection, workdir: str) -> None:
-        """Report each worker's result as soon as it is written, and failures as they happen.
+
+class RankLogs:
+    """Every line of each rank's output, appended to ``<job_dir>/logs/rank-N.log``."""
+
+    def __init__(self, job_dir: str, attempt: int):
+        self._dir = Path(job_dir, "logs") if job_dir else None
+        self._attempt = attempt
+        self._files: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        self._broken = False
+
+    def open(self, rank: int) -> None:
+        """Start the rank's log for this attempt with a header line."""
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.write(rank, f"==== ringtrain rank {rank}, restart {self._attempt}, {stamp} ====")
+
+    def write(self, rank: int, line: str) -> None:
+        if self._dir is None or self._broken:
+            return
+        with self._lock:
+            try:
+                out = self._files.get(rank)
+                if out is None:
+                    self._dir.mkdir(parents=True, exist_ok=True)
+                    out = self._files[rank] = open(self._dir / f"rank-{rank}.log", "a", buffering=1)  # noqa: SIM115
+                out.write(line + "\n")
+            except OSError as err:
+                self._broken = True
+                logger.warning(
+                    "cannot write rank logs under %s (%s); the live stream goes on", self._dir, err
+                )
+
+    def close(self) -> None:
+        with self._lock:
+            for out in self._files.values():
+                out.close()
+            self._files.clear()
+
+
+class TaskAgent:
+    """Runs one barrier task's share of the job. ``all_gather`` is the barrier's allGather.
+
+    ``sweep(grace)`` stops every remaining descendant at the end (the keeper passes its
+    own); ``connect`` opens the control connection (tests pass a fake).
+    """
+
+    def __init__(
+        self,
+        job: TaskJob,
+        partition: int,
+        gpus: tuple[str, ...],
+        all_gather: Callable[[str], list[str]],
+        workdir: str | Path,
+        *,
+        connect: Callable[..., Any] = channel.connect,
+        sweep: Callable[[float], Any] | None = None,
+    ):
+        self.job = job
+        self.partition = partition
+        self.gpus = gpus
+        self.files = WorkDir(workdir)
+        self._all_gather = all_gather
+        self._connect = connect
+        self._sweep = sweep
+        self._link: DriverLink | None = None
+        self._lost: str | None = None
+        self._logs = RankLogs(job.job_dir, job.attempt)
+
+    def lose_task(self, reason: str) -> None:
+        """The Spark task hosting this agent vanished: tell the driver, and stop."""
+        self._lost = reason
+        link = self._link
+        if link is not None and link.stop_reason is None:
+            link.send(TaskLost(self.partition, reason))
+            link.stop(reason)
+
+    def run(self) -> None:
+        conn = self._connect(self.job.driver, self.job.secret)
+        link = self._link = DriverLink(conn, self.job.heartbeat_timeout, partition=self.partition)
+        host = conn.local_host()
+        link.send(Hello(self.partition, host, os.getpid()))
+        link.start_heartbeats(self.job.heartbeat_interval)
+        if self._lost:
+            self.lose_task(self._lost)
+        reservations: list[PortReservation] = []
+        group: WorkerGroup | None = None
+        try:
+            per_worker = self.job.gpus_per_worker
+            count = rendezvous.workers_per_task(self.gpus, per_worker)
+            reservations = [PortReservation() for _ in range(count)]
+            offer = rendezvous.TaskOffer(
+                self.partition, host, tuple(r.port for r in reservations), self.gpus, per_worker
+            )
+            offers = [rendezvous.TaskOffer.from_json(s) for s in self._all_gather(offer.to_json())]
+            specs = [s for s in rendezvous.plan(offers) if s.partition == self.partition]
+            write_atomic(self.files.payload, self.job.payload)
+            for spec in specs:
+                self._logs.open(spec.rank)
+            try:
+                group = self._make_group(specs, offers, host, link)
+                started = group.start()
+            except BackendStartError as err:
+                link.send(BackendFailed(self.partition, str(err)))
+                started = False
+            if started:
+                self._supervise(group, link)
+        except Exception as err:
+            # E.g. a rendezvous that cannot place the workers: the user must see why.
+            logger.exception("partition %s: the task agent failed", self.partition)
+            link.send(AgentFailed(self.partition, _picklable(err), f"{type(err).__name__}: {err}"))
+        finally:
+            # Workers stop before their ports are released, and everything before "done".
+            if group is not None:
+                group.stop(self.job.kill_grace)
+            for reservation in reservations:
+                reservation.close()
+            if self._sweep is not None:
+                self._sweep(self.job.kill_grace)
+            shutil.rmtree(self.files.path, ignore_errors=True)
+            self._logs.close()
+            link.send(Done(self.partition))
+            link.close()
+
+    def _make_group(self, specs, offers, host: str, link: DriverLink) -> WorkerGroup:
+        if self.job.backend == "mpi":
+            env = worker_environ(self.job, specs[0])
+            return MpiGroup(
+                specs, self.files, self._output, offers, self.partition, env, _LinkRelay(link), host
+            )
+        if importlib.util.find_spec("tensorflow") is None:
+            raise BackendStartError(f"tensorflow is not installed for {sys.executable}")
+        return ProcessGroup(specs, self.files, self._output, lambda spec: worker_environ(self.job, spec))
+
+    def _output(self, rank: int, stream: str, line: str) -> None:
+        self._logs.write(rank, line)
+        if stream == "stderr" and not self.job.show_tf_noise and is_tf_noise(line):
+            return
+        assert self._link is not None
+        self._link.send_log(Log(rank, stream, line))
+
+    def _supervise(self, group: WorkerGroup, link: DriverLink) -> None:
+        """Report each result as soon as it is written and each failure as it happens.
 
         A worker with a result stays alive until the driver releases the job (every rank
         has a result): a peer may still be pulling the last collective's buffers from it.
+        Returns when every worker has ended, one has failed, or the task must stop.
         """
-        pending = list(workers)
-        reported: set[int] = set()
+        pending = set(group.ranks)
+        sent: set[int] = set()
+        # Replaced, never mutated: the heartbeat thread reads it.
+        watched = [tuple(sorted(pending))]
+        link.progress = lambda: self._progress(group, watched[0])
         while pending:
-            aborted = self._abort.wait(0.05)
-            if self._release.is_set() and not release_file(workdir).exists():
-                release_file(workdir).touch()
-            for w in pending:
-                if w.spec.rank not in reported and result_file(workdir, w.spec.rank).exists():
-                    reported.add(w.spec.rank)
-                    conn.send(("result", w.spec.rank, result_file(workdir, w.spec.rank).read_bytes()))
-            # Report what already ended even when aborting: it may be the root cause.
-            for w in [w for w in pending if w.poll() is not None]:
-                pending.remove(w)
-                w.drain()
-                if w.spec.rank not in reported:
-                    conn.send(self._report(w, workdir))
-                if w.poll() != 0:
-                    # The job is failing: stop this task's other workers now rather
-                    # than leave them waiting in a collective for the driver's abort.
-                    return
-            if aborted:
+            reason = link.wait_stop(0.05)
+            if reason is not None:
+                logger.info("partition %s: stopping: %s", self.partition, reason)
                 return
+            if link.released.is_set() and not self.files.release.exists():
+                self.files.release.touch()
+            for rank in sorted(pending - sent):
+                if self.files.result(rank).exists():
+                    sent.add(rank)
+                    link.send(Result(rank, self.files.result(rank).read_bytes() or None))
+            # Report what already ended even when stopping: it may be the root cause.
+            for rank in sorted(pending):
+                code = group.poll(rank)
+                if code is None:
+                    continue
+                pending.discard(rank)
+                watched[0] = tuple(sorted(pending))
+                group.drain(rank)
+                report = self._report(group, rank, code, rank in sent)
+                if report is not None:
+                    if isinstance(report, Result):
+                        sent.add(rank)
+                    link.send(report)
+                if isinstance(report, Failed):
+                    # The job is failing: stop this task's other workers now rather than
+                    # leave them waiting in a collective for the driver's abort.
+                    return
+            while not link.stack_requests.empty():
+                request = link.stack_requests.get()
+                threading.Thread(target=self._send_stacks, args=(group, request, link), daemon=True).start()
 
-    @staticmethod
-    def _report(w: WorkerProcess | MpiRank, workdir: str) -> tuple:
-        rank, code = w.spec.rank, w.poll()
+    def _progress(self, group: WorkerGroup, ranks: tuple[int, ...]) -> tuple:
+        now = time.monotonic()
+        found = []
+        for rank in ranks:
+            host = group.spec(rank).host
+            snap = progress.read(self.files.progress(rank))
+            found.append(snap.as_rank_progress(rank, host, now) if snap else progress.no_progress(rank, host))
+        return tuple(found)
+
+    def _report(self, group: WorkerGroup, rank: int, code: int, result_sent: bool) -> Result | Failed | None:
+        spec = group.spec(rank)
         if code == 0:
-            path = result_file(workdir, rank)
-            return ("result", rank, path.read_bytes() if path.exists() else None)
-        path = error_file(workdir, rank)
-        text = path.read_text(errors="replace") if path.exists() else ""
+            if result_sent:
+                return None
+            result = self.files.result(rank)
+            if result.exists():
+                return Result(rank, result.read_bytes() or None)
+            why = (
+                "the worker exited with code 0 before fn returned a result: something in it called "
+                "os._exit(0) (or the process was made to exit). Return from fn, or raise, instead\n"
+            )
+            return Failed(Failure(rank, spec.host, 0, None, why))
+        error = self.files.error(rank)
+        text = error.read_text(errors="replace") if error.exists() else ""
         signal_name = signal.Signals(-code).name if code < 0 else None
-        return ("failed", rank, w.spec.host, None if code < 0 else code, signal_name, text)
+        return Failed(Failure(rank, spec.host, None if code < 0 else code, signal_name, text))
+
+    def _send_stacks(self, group: WorkerGroup, request: StackRequest, link: DriverLink) -> None:
+        for rank in sorted(set(request.ranks) & set(group.ranks)):
+            link.send(StackDump(rank, group.stacks(rank)))
 
 
-def run_barrier_task(job: TaskJob, _rows) -> list[int]:
+def _picklable(err: BaseException) -> BaseException | None:
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(err))
+    except Exception:
+        return None
+    return err
+
+
+def run_task(
+    job: TaskJob, partition: int, gpus: tuple[str, ...], all_gather: Callable[[str], list[str]]
+) -> list[bytes]:
+    """Run partition ``partition``'s share of ``job``; the entry point of each barrier task.
+
+    Returns the task's output rows, each sealed with the job's secret. The agent runs in a
+    keeper process, so killing this (PySpark) process never leaves a worker behind.
+    """
+    from . import keeper
+
+    return keeper.run(job, partition, gpus, all_gather)
+
+
+def run_barrier_task(job: TaskJob, _rows) -> list[bytes]:
     """Entry point of each barrier task (passed to ``mapPartitions``)."""
     from pyspark import BarrierTaskContext
 
     ctx = BarrierTaskContext.get()
     resources = ctx.resources()
     gpus = tuple(resources["gpu"].addresses) if "gpu" in resources else ()
-    TaskAgent(job, ctx.partitionId(), gpus, ctx.allGather).run()
-    return [ctx.partitionId()]
+    return run_task(job, ctx.partitionId(), gpus, ctx.allGather)

@@ -1,4 +1,12 @@
-"""The driver: launches one job and turns what the agents report into a result or an error."""
+"""The driver: launches one job, restarts it when it fails, and turns what the agents
+report into a result or an error.
+
+One call of :func:`launch` is one job: one job directory, a wall-clock ``timeout`` over
+all its attempts, and up to ``max_restarts`` restarts after a failure. Each attempt is one
+Spark barrier stage; :class:`_Supervisor` is its event loop: it prints worker output,
+collects results, runs the stall inspector on the agents' heartbeats, watches every
+agent's liveness, and stops everything on the first failure.
+"""
 
 from __future__ import annotations
 
@@ -8,26 +16,58 @@ import queue
 import re
 import secrets
 import sys
+import tempfile
 import time
+import uuid
 from dataclasses import replace
 from functools import partial
-from typing import TextIO
+from pathlib import Path
+from typing import Any, TextIO
 
 from .. import backends
 from ..config import JobConfig
 from ..errors import (
+    AgentLostError,
+    BackendError,
     BackendStartError,
     ChannelError,
+    ConfigError,
     Failure,
     JobTimeoutError,
+    ResourceError,
     RingtrainError,
+    StallError,
     WorkerError,
+)
+from ..protocol import (
+    Abort,
+    AgentFailed,
+    BackendFailed,
+    Done,
+    Failed,
+    Heartbeat,
+    Hello,
+    Log,
+    LogsDropped,
+    MpiLaunch,
+    Ping,
+    Release,
+    Result,
+    StackDump,
+    StackRequest,
+    TaskLost,
 )
 from . import spark
 from .agent import TaskJob, run_barrier_task
-from .channel import ChannelServer
+from .channel import ChannelServer, Connection
+from .stall import StallInspector, StallReport
 
 logger = logging.getLogger(__name__)
+
+# How long the driver waits for the Spark job to report on a lost agent, and for the
+# stacks of a stall's missing ranks.
+SPARK_REPORT_WAIT = 5.0
+STACK_WAIT = 3.0
 
 
 class LogPrinter:
@@ -41,47 +81,141 @@ class LogPrinter:
         out.write(f"[{rank}] {line}\n")
         out.flush()
 
+    def notice(self, text: str) -> None:
+        """A message from ringtrain itself (a restart, a stall warning), on stderr."""
+        out = self._streams.get("stderr") or sys.stderr
+        out.write(f"ringtrain: {text}\n")
+        out.flush()
+
 
 def launch(config: JobConfig, payload: bytes, printer: LogPrinter | None = None) -> dict[int, bytes | None]:
     """Run ``payload`` (a pickled worker task) on every worker; return pickled results by rank.
 
-    With backend "auto", a backend that cannot start gives way to the next candidate,
-    and the reason is logged; a named backend's failure is raised as it is.
+    A failed attempt is started again up to ``config.max_restarts`` times; pre-flight
+    errors (ConfigError, ResourceError), a backend that cannot start, and the timeout are
+    never retried. With backend "auto", a backend that cannot start gives way to the next
+    candidate, and the reason is logged; a named backend's failure is raised as it is.
     """
+    printer = printer or LogPrinter()
     session = spark.get_session(config)
     sc = session.sparkContext
+    deadline = None if config.timeout is None else time.monotonic() + config.timeout
+    job_dir = prepare_job_dir(config.job_dir, sc.master)
+    if config.max_restarts and config.job_dir is None and not sc.master.startswith("local"):
+        printer.notice(
+            f"no shared job directory: checkpoints in {job_dir} stay on each host, so a restart may not "
+            "find them. Pass job_dir= (or --job-dir, RINGTRAIN_JOB_DIR) on shared storage"
+        )
+    attempt = 0
+    while True:
+        try:
+            return _attempt(sc, config, payload, printer, attempt, job_dir, deadline)
+        except RingtrainError as err:
+            if attempt >= config.max_restarts or not is_retryable(err):
+                raise
+            attempt += 1
+            cause = str(err).splitlines()[0]
+            logger.info("restart %d of %d after: %s", attempt, config.max_restarts, cause)
+            printer.notice(f"restart {attempt} of {config.max_restarts} after: {type(err).__name__}: {cause}")
+
+
+def is_retryable(err: BaseException) -> bool:
+    """Whether a job that failed with ``err`` may be started again (worker or infrastructure failure)."""
+    fatal = (ConfigError, ResourceError, JobTimeoutError, BackendError)
+    return isinstance(err, RingtrainError) and not isinstance(err, fatal)
+
+
+def prepare_job_dir(requested: str | None, master: str) -> str:
+    """The job directory, created: ``requested``, or a new local one under the temp directory."""
+    path = Path(requested) if requested else default_job_dir()
+    try:
+        (path / "logs").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(
+            f"cannot create the job directory {path} ({err}); pass a writable job_dir= "
+            "(or --job-dir, RINGTRAIN_JOB_DIR)"
+        ) from None
+    logger.info("job directory: %s", path)
+    return str(path)
+
+
+def default_job_dir() -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(tempfile.gettempdir(), "ringtrain-jobs", f"{stamp}-{uuid.uuid4().hex[:8]}")
+
+
+def _attempt(
+    sc, config: JobConfig, payload: bytes, printer: LogPrinter, attempt: int, job_dir: str, deadline
+) -> dict[int, bytes | None]:
+    # Every attempt checks the slots again: a restart that cannot get them fails like a first start.
     layout = spark.preflight(sc, config)
     tried = backends.candidates(config.backend, layout.uses_gpus, backends.mpi_installed())
-    for attempt, backend in enumerate(tried):
+    for index, backend in enumerate(tried):
         try:
-            return _launch_once(sc, layout, replace(config, backend=backend), payload, printer)
+            return _launch_once(
+                sc, layout, replace(config, backend=backend), payload, printer, attempt, job_dir, deadline
+            )
         except BackendStartError as err:
-            if attempt + 1 == len(tried):
+            if index + 1 == len(tried):
                 raise
             logger.warning(
-                "backend %r could not start (%s); falling back to %r", backend, err, tried[attempt + 1]
+                "backend %r could not start (%s); falling back to %r", backend, err, tried[index + 1]
             )
     raise AssertionError("unreachable: candidates() is never empty")
 
 
-def _launch_once(sc, layout: spark.Layout, config: JobConfig, payload: bytes, printer: LogPrinter | None):
-    driver_host = sc.getConf().get("spark.driver.host") or "127.0.0.1"
+def channel_address(bind_address: str | None, driver_host: str | None) -> tuple[str, str]:
+    """(address the control channel binds, address agents dial): the driver's own, never 0.0.0.0
+    unless Spark itself binds there."""
+    advertised = driver_host or "127.0.0.1"
+    return bind_address or advertised, advertised
+
+
+def _launch_once(
+    sc,
+    layout: spark.Layout,
+    config: JobConfig,
+    payload: bytes,
+    printer: LogPrinter,
+    attempt: int,
+    job_dir: str,
+    deadline: float | None,
+):
+    conf = sc.getConf()
+    bind, advertised = channel_address(conf.get("spark.driver.bindAddress"), conf.get("spark.driver.host"))
     secret = secrets.token_bytes(32)
-    with ChannelServer(secret) as server:
+    with ChannelServer(secret, bind, config.channel_ports) as server:
         job = TaskJob(
-            driver=(driver_host, server.port),
+            driver=(advertised, server.port),
             secret=secret,
             backend=config.backend,
             payload=payload,
-            worker_env=_keras_env(config) | _thread_env(config) | dict(config.worker_env),
+            worker_env=worker_env(config, attempt, job_dir),
             kill_grace=config.kill_grace,
             show_tf_noise=config.show_tf_noise,
             gpus_per_worker=config.gpus_per_worker,
+            attempt=attempt,
+            job_dir=job_dir,
+            heartbeat_interval=config.heartbeat_interval,
+            heartbeat_timeout=config.heartbeat_timeout,
         )
         barrier = spark.BarrierJob(sc, layout.num_tasks, partial(run_barrier_task, job))
         barrier.start()
-        supervisor = _Supervisor(server, barrier, layout, config, printer or LogPrinter())
-        return supervisor.run()
+        return _Supervisor(server, barrier, layout, config, printer, deadline, job_dir).run()
+
+
+def worker_env(config: JobConfig, attempt: int, job_dir: str) -> dict[str, str]:
+    """Every worker's extra environment: forwarded settings, then the job's own, then ringtrain's."""
+    env = dict(config.worker_settings)
+    env |= _keras_env(config) | _thread_env(config) | dict(config.worker_env)
+    env |= {
+        "RINGTRAIN_KILL_GRACE": repr(config.kill_grace),
+        "RINGTRAIN_HEARTBEAT_INTERVAL": repr(config.heartbeat_interval),
+        "RINGTRAIN_RESTART_COUNT": str(attempt),
+        "RINGTRAIN_JOB_DIR": job_dir,
+        "RINGTRAIN_RESULTS": config.results,
+    }
+    return env
 
 
 def _keras_env(config: JobConfig) -> dict[str, str]:
@@ -98,7 +232,8 @@ def _thread_env(config: JobConfig) -> dict[str, str]:
 
 
 class _Supervisor:
-    """The driver's event loop: prints logs, gathers results, stops everything on failure."""
+    """One attempt's event loop: prints logs, gathers results, watches stalls and liveness,
+    stops everything on failure."""
 
     def __init__(
         self,
@@ -107,43 +242,50 @@ class _Supervisor:
         layout: spark.Layout,
         config: JobConfig,
         printer: LogPrinter,
+        deadline: float | None,
+        job_dir: str,
     ):
         self.server = server
         self.barrier = barrier
         self.layout = layout
         self.config = config
         self.printer = printer
+        self.deadline = deadline
+        self.job_dir = job_dir
         self.results: dict[int, bytes | None] = {}
         self.failures: list[Failure] = []
+        self.agents: dict[Connection, Hello] = {}
         self.done_tasks: set[int] = set()
+        self.lost: dict[int, str] = {}  # partition -> what happened
         self.backend_failure: str | None = None
+        self.agent_error: RingtrainError | None = None
+        self.stall_error: StallError | None = None
+        self.trigger: str | None = None  # the first thing that went wrong
         self.stopped = False
+        self.inspector = StallInspector(config.stall_warning, config.stall_timeout)
+        self._stall_request: tuple[str, StallReport, float] | None = None
+        self._stacks: dict[int, str] = {}
+        self._next_ping = 0.0
+        self._next_check = 0.0
         self._barrier_done_at: float | None = None
+
+    # ------------------------------------------------------------------ outcome
 
     def run(self) -> dict[int, bytes | None]:
         try:
             self._wait(
-                lambda: len(self.results) == self.layout.num_proc or self.failures or self.backend_failure,
-                timeout=self.config.timeout,
+                lambda: len(self.results) == self.layout.num_proc or self.trigger is not None, self.deadline
             )
-            if self.backend_failure:
-                self._stop("the backend could not start")
-                raise BackendStartError(f"backend {self.config.backend!r}: {self.backend_failure}")
-            if not self.failures and len(self.results) < self.layout.num_proc:
-                running = sorted(set(range(self.layout.num_proc)) - set(self.results))
-                self._stop("the job timed out")
-                raise JobTimeoutError(
-                    f"the job did not finish within its {self.config.timeout:g} s timeout; ranks "
-                    f"{running} were still running and have been stopped. Raise the timeout or look "
-                    "for a rank stuck waiting on its peers"
-                )
-            if self.failures:
-                self._stop("a worker failed")
-                raise WorkerError(self._ordered_failures())
+            if self.trigger is None and len(self.results) < self.layout.num_proc:
+                self.trigger = "timeout"
+            if self.trigger is not None:
+                raise self._failure()
             # Every rank has a result: let the workers exit. Agents then drain their output
             # and say done; the Spark job ends with them.
-            self.server.broadcast(("release",))
-            self._wait(lambda: len(self.done_tasks) == self.layout.num_tasks, timeout=self.config.abort_wait)
+            self.server.broadcast(Release())
+            self._wait(
+                lambda: len(self.done_tasks) >= self.layout.num_tasks, time.monotonic() + self._stop_wait
+            )
             self._drain()
             return self.results
         except BaseException:
@@ -152,6 +294,64 @@ class _Supervisor:
         finally:
             self.barrier.cancel()
             self.barrier.join(self.config.abort_wait)
+
+    @property
+    def _stop_wait(self) -> float:
+        return self.config.kill_grace + self.config.abort_wait
+
+    def _note(self, trigger: str) -> None:
+        if self.trigger is None:
+            self.trigger = trigger
+
+    def _failure(self) -> RingtrainError:
+        """Stop everything, then build the error for what went wrong first."""
+        trigger = self.trigger
+        if trigger == "lost":
+            # Give Spark a moment to say what happened to the task before the job is cancelled.
+            self._wait(self.barrier.done, time.monotonic() + SPARK_REPORT_WAIT, quiet=True)
+        self._stop(
+            {
+                "backend": "the backend could not start",
+                "timeout": "the job timed out",
+                "stall": "the job stalled",
+                "lost": "a task agent was lost",
+                "agent": "a task agent failed",
+            }.get(trigger or "", "a worker failed")
+        )
+        if trigger == "agent" and self.agent_error is not None:
+            return self.agent_error
+        if trigger == "backend":
+            return BackendStartError(f"backend {self.config.backend!r}: {self.backend_failure}")
+        if trigger == "stall" and self.stall_error is not None:
+            return self.stall_error
+        if trigger == "lost":
+            return self._lost_error()
+        if trigger == "timeout":
+            running = sorted(set(range(self.layout.num_proc)) - set(self.results))
+            over = f" over all {self.config.max_restarts + 1} attempts" if self.config.max_restarts else ""
+            return JobTimeoutError(
+                f"the job did not finish within its {self.config.timeout:g} s timeout{over}; ranks "
+                f"{running} were still running and have been stopped. Raise the timeout or look "
+                "for a rank stuck waiting on its peers"
+            )
+        return WorkerError.of(self._ordered_failures())
+
+    def _lost_error(self) -> AgentLostError:
+        partition, what = next(iter(self.lost.items()))
+        hello = next((h for h in self.agents.values() if h.partition == partition), None)
+        host = hello.host if hello else "an unknown host"
+        err = self.barrier.error
+        spark_said = (
+            _first_line(err).rstrip(".") if err is not None else "nothing yet (the task is still running)"
+        )
+        return AgentLostError(
+            f"the task agent of partition {partition} on {host} was lost: {what}. Spark reported: "
+            f"{spark_said}. Every other worker was stopped; if the executor was lost, retry with "
+            "max_restarts",
+            partition=partition,
+            host=host,
+            spark_reason=spark_said if err is not None else "",
+        )
 
     def _ordered_failures(self) -> list[Failure]:
         """First the failures that explain themselves (a traceback), then the rest, by arrival."""
@@ -162,30 +362,93 @@ class _Supervisor:
         if self.stopped:
             return
         self.stopped = True
-        self.server.broadcast(("abort", reason))
+        self.server.broadcast(Abort(reason))
+
+        def all_stopped() -> bool:
+            # An agent still connected is still stopping its workers, even when Spark has
+            # already ended its task: wait for its "done" (a closed connection counts as lost).
+            busy = {h.partition for h in self.agents.values()} - set(self.lost) - self.done_tasks
+            if busy:
+                return False
+            return len(self.agents) >= self.layout.num_tasks or self.barrier.done()
+
         try:
-            self._wait(
-                lambda: len(self.done_tasks) == self.layout.num_tasks or self.barrier.done(),
-                timeout=self.config.abort_wait,
-            )
+            self._wait(all_stopped, time.monotonic() + self._stop_wait, quiet=True)
         except RingtrainError:
             pass
         self.barrier.cancel()
 
-    def _wait(self, finished, timeout: float | None = None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
+    # ------------------------------------------------------------------ the loop
+
+    def _wait(self, finished, deadline: float | None, quiet: bool = False) -> None:
+        """Handle messages until ``finished()``, ``deadline`` or (unless ``quiet``) a failure."""
         while not finished():
-            if deadline is not None and time.monotonic() >= deadline:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
                 return
+            if not quiet and self.trigger is not None:
+                return
+            self._tick(now)
             try:
-                _, message = self.server.inbox.get(timeout=0.1)
+                conn, message = self.server.inbox.get(timeout=0.1)
             except queue.Empty:
                 if self.barrier.done() and not finished() and self._agents_quiet():
                     self._drain()
-                    if not finished():
+                    if not finished() and not quiet and self.trigger is None:
                         raise self._job_ended_early() from None
+                    if quiet:
+                        return
                 continue
-            self._handle(message)
+            self._handle(conn, message)
+
+    def _tick(self, now: float) -> None:
+        """Heartbeats out, liveness and stalls in: at most once per interval or half second."""
+        if now >= self._next_ping:
+            self._next_ping = now + self.config.heartbeat_interval
+            self.server.broadcast(Ping())
+            for conn, hello in list(self.agents.items()):
+                silent = now - conn.last_heard
+                if (
+                    hello.partition not in self.done_tasks | set(self.lost)
+                    and silent > self.config.heartbeat_timeout
+                ):
+                    self._lose(
+                        hello.partition,
+                        f"its agent (pid {hello.pid}) has sent nothing for {silent:.0f} s "
+                        "(RINGTRAIN_HEARTBEAT_TIMEOUT)",
+                    )
+        if now >= self._next_check and not self.stopped:
+            self._next_check = now + 0.5
+            self._check_stall(now)
+
+    def _check_stall(self, now: float) -> None:
+        if self._stall_request is None:
+            verdict = self.inspector.check()
+            if verdict is None:
+                return
+            kind, report = verdict
+            self._stacks = {}
+            self.server.broadcast(StackRequest(tuple(r.rank for r in report.missing)))
+            self._stall_request = (kind, report, now + STACK_WAIT)
+            return
+        kind, report, until = self._stall_request
+        if now < until and not all(r.rank in self._stacks for r in report.missing):
+            return
+        self._stall_request = None
+        if kind == "fail":
+            advice = (
+                f"The job failed after {self.config.stall_timeout:g} s of stall (RINGTRAIN_STALL_TIMEOUT) "
+                "and every worker was stopped. Every rank must run the same collectives in the same order; "
+                "the stack(s) above show where the missing rank(s) were instead."
+            )
+            self.stall_error = report.error(self._stacks, advice)
+            self._note("stall")
+            return
+        if self.config.stall_timeout:
+            advice = f"The job fails with StallError after {self.config.stall_timeout:g} s of stall."
+        else:
+            advice = "RINGTRAIN_STALL_TIMEOUT=0: the job keeps waiting."
+        self.printer.notice("stall warning: " + report.describe(self._stacks, advice))
 
     def _agents_quiet(self) -> bool:
         """After the Spark job ended: have all agents finished sending (or had their chance)?
@@ -202,34 +465,71 @@ class _Supervisor:
     def _drain(self) -> None:
         while True:
             try:
-                _, message = self.server.inbox.get_nowait()
+                conn, message = self.server.inbox.get_nowait()
             except queue.Empty:
                 return
-            self._handle(message)
+            self._handle(conn, message)
 
-    def _handle(self, message) -> None:
-        if message is None:
+    def _lose(self, partition: int, what: str) -> None:
+        if partition not in self.lost and partition not in self.done_tasks:
+            self.lost[partition] = what
+            self._note("lost")
+
+    def _handle(self, conn: Connection, message: Any) -> None:
+        if message is None:  # the connection closed
+            hello = self.agents.get(conn)
+            if hello is not None and hello.partition not in self.done_tasks:
+                self._lose(
+                    hello.partition, f"its agent (pid {hello.pid}) closed the connection before finishing"
+                )
             return
-        kind = message[0]
-        if kind == "log":
-            self.printer(*message[1:])
-        elif kind == "result":
-            self.results[message[1]] = message[2]
-        elif kind == "failed":
-            self.failures.append(Failure(*message[1:]))
-        elif kind == "done":
-            self.done_tasks.add(message[1])
-        elif kind == "mpi_launch":
+        if isinstance(message, Log):
+            self.printer(message.rank, message.stream, message.line)
+        elif isinstance(message, Heartbeat):
+            self.inspector.update(message.ranks)
+        elif isinstance(message, Result):
+            self.results[message.rank] = message.data
+        elif isinstance(message, Failed):
+            self.failures.append(message.failure)
+            self.inspector.forget(message.failure.rank)
+            self._note("failed")
+        elif isinstance(message, StackDump):
+            self._stacks[message.rank] = message.text
+        elif isinstance(message, Hello):
+            self.agents[conn] = message
+        elif isinstance(message, Done):
+            self.done_tasks.add(message.partition)
+        elif isinstance(message, TaskLost):
+            self._lose(message.partition, message.reason)
+        elif isinstance(message, MpiLaunch):
             # Partition 0's mpiexec printed one proxy command per task: hand them to every agent.
             self.server.broadcast(message)
-        elif kind == "backend_failed":
-            self.backend_failure = self.backend_failure or f"partition {message[1]}: {message[2]}"
+        elif isinstance(message, AgentFailed):
+            if self.agent_error is None:
+                error = message.error
+                self.agent_error = (
+                    error
+                    if isinstance(error, RingtrainError)
+                    else RingtrainError(
+                        f"the task agent of partition {message.partition} failed: {message.text}"
+                    )
+                )
+            self._note("agent")
+        elif isinstance(message, BackendFailed):
+            if self.backend_failure is None:
+                self.backend_failure = f"partition {message.partition}: {message.reason}"
+            self._note("backend")
+        elif isinstance(message, LogsDropped):
+            self.printer.notice(
+                f"the live output of rank {message.rank} fell behind and skipped {message.count} line(s); "
+                f"{self.job_dir}/logs/rank-{message.rank}.log has every line"
+            )
         else:
-            logger.warning("ignoring an unknown control message %r", kind)
+            logger.warning("ignoring an unknown control message %r", type(message).__name__)
 
     def _job_ended_early(self) -> RingtrainError:
         if self.failures:
-            return WorkerError(self._ordered_failures())
+            return WorkerError.of(self._ordered_failures())
         err = self.barrier.error
         if err is None:
             return ChannelError(

@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import RingtrainError
+from ..protocol import MAX_RESULT_BYTES, WorkDir, write_atomic
+from . import _watch
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -56,10 +60,10 @@ class ScriptTask:
         path = self.path
         if not Path(path).is_file() and self.source:
             # Each rank its own copy, written atomically: local ranks share the workdir.
-            folder = Path(os.environ["RINGTRAIN_WORKDIR"], f"script-{os.environ['RANK']}")
+            folder = WorkDir(os.environ["RINGTRAIN_WORKDIR"]).script_dir(int(os.environ["RANK"]))
             folder.mkdir(exist_ok=True)
             path = str(folder / Path(self.path).name)
-            _write_atomic(Path(path), self.source)
+            write_atomic(Path(path), self.source)
         sys.argv = [path, *self.argv]
         sys.path.insert(0, str(Path(path).parent))
         runpy.run_path(path, run_name="__main__")
@@ -105,12 +109,6 @@ def tune_malloc() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def become_mpi_rank() -> str:
     """Shim for a rank started by a Hydra proxy; returns the workdir in the rank itself.
 
@@ -120,27 +118,28 @@ def become_mpi_rank() -> str:
     carries on as the MPI rank (it inherits the PMI connection), while this parent waits
     and writes the child's exact exit status, signals included, for the agent.
     """
-    from ..launcher.agent import error_file, output_fifo, status_file
-
     rank = int(os.environ["PMI_RANK"])
     workdir = os.environ["RINGTRAIN_WORKDIR"]
+    files = WorkDir(workdir)
     try:
         placement = json.loads(os.environ.pop("RINGTRAIN_LOCAL_ENVS"))[str(rank)]
         os.environ.update(placement)
         for fd, stream in ((1, "stdout"), (2, "stderr")):
-            fifo = os.open(output_fifo(workdir, rank, stream), os.O_WRONLY)
+            fifo = os.open(files.fifo(rank, stream), os.O_WRONLY)
             os.dup2(fifo, fd)
             os.close(fifo)
     except Exception:
         # Tell the agent rather than die silently under the proxy.
-        _write_atomic(error_file(workdir, rank), traceback.format_exc().encode())
-        _write_atomic(status_file(workdir, rank), b"1")
+        write_atomic(files.error(rank), traceback.format_exc().encode())
+        write_atomic(files.status(rank), b"1")
         os._exit(1)
     die_with_parent()  # the proxy
     os.environ["RINGTRAIN_PARENT_PID"] = str(os.getpid())
     child = os.fork()
     if child == 0:
         return workdir
+    # A stop reaches the rank itself; this shim only reports how it ended.
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(child, signal.SIGTERM))
     devnull = os.open(os.devnull, os.O_WRONLY)
     for fd in (1, 2):
         os.dup2(devnull, fd)  # so the FIFOs reach EOF when the rank exits
@@ -151,7 +150,7 @@ def become_mpi_rank() -> str:
         except InterruptedError:
             continue
     code = os.waitstatus_to_exitcode(status)
-    _write_atomic(status_file(workdir, rank), str(code).encode())
+    write_atomic(files.status(rank), str(code).encode())
     os._exit(code if code >= 0 else 128 - code)
 
 
@@ -163,19 +162,44 @@ def _join_backend() -> None:
         world()  # joins COMM_WORLD now, and checks it matches RANK/SIZE
 
 
-def _finish(workdir: str, rank: int, result: bytes) -> None:
+def result_bytes(value: Any, rank: int) -> bytes:
+    """``value`` pickled for the driver, or b"" when the caller did not ask for this rank's value.
+
+    Checked here, so an oversized or unpicklable value fails on its rank, naming it,
+    instead of somewhere in the channel.
+    """
+    wanted = os.environ.get("RINGTRAIN_RESULTS", "all")
+    if wanted == "none" or (wanted != "all" and str(rank) not in wanted.split(",")):
+        return b""
+    import cloudpickle
+
+    try:
+        data = cloudpickle.dumps(value)
+    except Exception as err:
+        raise RingtrainError(
+            f"rank {rank}: fn's return value cannot be pickled ({type(err).__name__}: {err}); "
+            "return plain Python values or numpy arrays, and save anything else to ringtrain.job_dir()"
+        ) from err
+    if len(data) > MAX_RESULT_BYTES:
+        raise RingtrainError(
+            f"rank {rank}: fn's return value pickles to {len(data)} bytes, over the {MAX_RESULT_BYTES} "
+            "byte limit for results; save it to ringtrain.job_dir() and return its path instead"
+        )
+    return data
+
+
+def _finish(files: WorkDir, rank: int, value: Any, recorder: Any) -> None:
     """Hand the result to the agent, then stay until the driver releases the job.
 
     Exiting at once could cut off a peer that is still pulling this worker's share of the
     last collective (TF's ring reads buffers from the sender's gRPC server).
     """
-    from ..launcher.agent import release_file, result_file
-
+    data = result_bytes(value, rank)
     sys.stdout.flush()
     sys.stderr.flush()
-    _write_atomic(result_file(workdir, rank), result)
-    release = release_file(workdir)
-    while not release.exists():
+    recorder.finished()
+    write_atomic(files.result(rank), data)
+    while not files.release.exists():
         time.sleep(0.02)
 
 
@@ -194,33 +218,43 @@ def main(workdir: str | None = None) -> int:
         workdir = become_mpi_rank()
     if workdir is None:
         sys.exit("usage: python -m ringtrain.worker WORKDIR (started by a ringtrain task agent)")
-    import cloudpickle
-
-    from ..launcher.agent import PAYLOAD_FILE, error_file
-
     die_with_parent()
-    tune_malloc()
+    files = WorkDir(workdir)
     os.environ["RINGTRAIN_WORKDIR"] = workdir
     rank = int(os.environ["RANK"])
-    code = 0
+    code, by_signal, exit_bound = 0, None, 3.0
     try:
+        from .. import env
+
+        exit_bound = env.get("RINGTRAIN_KILL_GRACE")
+        recorder = _watch.install(
+            files, rank, env.get("RINGTRAIN_HEARTBEAT_INTERVAL"), env.get("RINGTRAIN_STALL_INSPECTOR")
+        )
+        tune_malloc()
         _join_backend()
-        task = cloudpickle.loads(Path(workdir, PAYLOAD_FILE).read_bytes())
-        _finish(workdir, rank, cloudpickle.dumps(task()))
+        import cloudpickle
+
+        task = cloudpickle.loads(files.payload.read_bytes())
+        try:
+            value = task()
+        except SystemExit as stop:
+            if stop.code not in (0, None):
+                raise
+            value = None  # a script's sys.exit(0) is a success
+        _finish(files, rank, value, recorder)
+    except _watch.Stopped:
+        by_signal = signal.SIGTERM
+        write_atomic(files.error(rank), f"rank {rank} was stopped by SIGTERM\n".encode())
     except SystemExit as stop:
-        if stop.code in (0, None):
-            _finish(workdir, rank, cloudpickle.dumps(None))
-        else:
-            # Exit statuses are one byte; keep a failure a failure.
-            code = stop.code if isinstance(stop.code, int) and 0 < stop.code < 256 else 1
-            _write_atomic(error_file(workdir, rank), f"SystemExit: {stop.code}\n".encode())
+        # Exit statuses are one byte; keep a failure a failure.
+        code = stop.code if isinstance(stop.code, int) and 0 < stop.code < 256 else 1
+        write_atomic(files.error(rank), f"SystemExit: {stop.code}\n".encode())
     except BaseException:
-        _write_atomic(error_file(workdir, rank), traceback.format_exc().encode())
+        write_atomic(files.error(rank), traceback.format_exc().encode())
         code = 1
-    if code == 0:
+    if code == 0 and by_signal is None:
         # Also after sys.exit(0): an unfinalized exit makes Hydra kill the other ranks.
         _leave_backend()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Skip interpreter shutdown: TF's collective threads can stall it.
-    os._exit(code)
+    # Skip interpreter shutdown (TF's collective threads can stall it), not atexit handlers.
+    _watch.exit_process(code, exit_bound, by_signal)
+    return code

@@ -12,6 +12,7 @@ import time
 
 MARKER = "RINGTRAIN_TEST_SESSION"
 WORKER = "-m ringtrain.worker"
+KEEPER = "-m ringtrain.launcher.keeper"
 
 
 def _read(pid: str, name: str) -> bytes:
@@ -39,8 +40,8 @@ def pids_matching(pattern: str) -> list[int]:
     return found
 
 
-def worker_pids() -> list[int]:
-    return pids_matching(WORKER)
+def worker_pids(pattern: str = WORKER) -> list[int]:
+    return pids_matching(pattern)
 
 
 def wait_for_no_workers(

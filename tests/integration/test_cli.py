@@ -190,3 +190,26 @@ def test_check_reports_and_smoke_tests_pass():
     for name in ("python", "java", "pyspark", "tensorflow", "tf.keras", "mpi4py", "fusion", "gpus"):
         assert name in rows, done.stdout
     assert rows["tf"].split()[1] == "pass", done.stdout
+
+
+@pytest.mark.integration
+def test_max_restarts_runs_the_script_again_in_one_job_dir(tmp_path):
+    done, _ = _run(
+        PYTHON_M
+        + [
+            "launch",
+            "-np",
+            "2",
+            "--max-restarts",
+            "1",
+            "--job-dir",
+            str(tmp_path),
+            str(HELPERS / "cli_restart.py"),
+        ]
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.splitlines()
+    assert f"[1] attempt 0 job_dir {tmp_path}" in out and f"[1] attempt 1 job_dir {tmp_path}" in out
+    assert "ringtrain: restart 1 of 1 after: WorkerError: 1 worker(s) failed: rank 1 on" in done.stderr
+    log = (tmp_path / "logs" / "rank-1.log").read_text()
+    assert "attempt 0" in log and "attempt 1" in log

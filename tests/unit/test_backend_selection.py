@@ -25,23 +25,24 @@ def test_mpi_is_found_in_this_environment():
 
 
 @pytest.fixture
-def fake_cluster(monkeypatch):
+def fake_cluster(monkeypatch, tmp_path):
     """Replaces Spark with a 2-slot CPU cluster and records each backend launched."""
     tried = []
 
     class _Context:
-        pass
+        master = "local[2]"
 
     class _Session:
         sparkContext = _Context()
 
-    def launch_once(sc, layout, config, payload, printer):
+    def launch_once(sc, layout, config, *rest):
         tried.append(config.backend)
         if config.backend in fake_cluster_failing:
             raise BackendStartError(f"{config.backend} is broken here")
         return {0: b"ok"}
 
     fake_cluster_failing: set[str] = set()
+    monkeypatch.setattr(driver, "default_job_dir", lambda: tmp_path)
     monkeypatch.setattr(spark, "get_session", lambda config: _Session())
     monkeypatch.setattr(spark, "preflight", lambda sc, config: spark.Layout(2, 1, False))
     monkeypatch.setattr(backends, "mpi_installed", lambda: True)

@@ -5,11 +5,14 @@ import os
 import pickle
 import socket
 import struct
+import time
 
 import pytest
 
 from ringtrain.errors import ChannelError
+from ringtrain.launcher import channel
 from ringtrain.launcher.channel import ChannelServer, connect
+from ringtrain.protocol import seal
 
 
 class _Tripwire:
@@ -67,7 +70,8 @@ def test_frames_injected_after_the_handshake_are_never_unpickled(tmp_path, caplo
     with ChannelServer(b"k" * 32) as server, caplog.at_level(logging.WARNING):
         conn = connect(("127.0.0.1", server.port), b"k" * 32)
         # A peer on the path that relayed the handshake, then writes its own frame.
-        conn._sock.sendall(struct.pack("!I", len(evil)) + os.urandom(32) + evil)
+        forged = b"RTS1" + os.urandom(32) + evil
+        conn._sock.sendall(struct.pack("!I", len(forged)) + forged)
         _, closed = server.inbox.get(timeout=5)
         assert closed is None
         conn.close()
@@ -78,11 +82,110 @@ def test_frames_injected_after_the_handshake_are_never_unpickled(tmp_path, caplo
 def test_replayed_frame_is_refused(caplog):
     with ChannelServer(b"k" * 32) as server, caplog.at_level(logging.WARNING):
         conn = connect(("127.0.0.1", server.port), b"k" * 32)
-        data = pickle.dumps(("log", 0, "stdout", "once"))
-        frame = struct.pack("!I", len(data)) + conn._frame_mac(b"c", 0, data) + data
+        blob = seal(conn._key, ("log", 0, "stdout", "once"), b"c" + struct.pack("!Q", 0))
+        frame = struct.pack("!I", len(blob)) + blob
         conn._sock.sendall(frame)
         assert server.inbox.get(timeout=5)[1] == ("log", 0, "stdout", "once")
         conn._sock.sendall(frame)  # the same frame again
         assert server.inbox.get(timeout=5)[1] is None
         conn.close()
     assert "failed its integrity check" in caplog.text
+
+
+def test_a_slow_handshake_is_cut_off_at_one_deadline(caplog):
+    with ChannelServer(b"k" * 32, handshake_timeout=1.0) as server, caplog.at_level(logging.WARNING):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.recv(4 + 32)
+        started = time.monotonic()
+        try:
+            # A byte every 0.3 s would reset a per-read timeout forever; one deadline ends it.
+            for _ in range(20):
+                sock.sendall(b"x")
+                time.sleep(0.3)
+        except OSError:
+            pass
+        sock.settimeout(10)
+        try:
+            assert sock.recv(100) == b""
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - started < 5
+        sock.close()
+    assert "failed authentication" in caplog.text
+
+
+def test_pending_handshakes_are_capped(monkeypatch, caplog):
+    monkeypatch.setattr(channel, "MAX_PENDING", 2)
+    with ChannelServer(b"k" * 32) as server, caplog.at_level(logging.WARNING):
+        idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(2)]
+        for sock in idle:
+            sock.recv(4 + 32)  # both are mid-handshake
+        extra = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        assert extra.recv(100) == b""  # refused at once
+        extra.close()
+        for sock in idle:
+            sock.close()
+        # Once they are gone, agents get in again.
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                connect(("127.0.0.1", server.port), b"k" * 32).close()
+                break
+            except ChannelError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+    assert "handshakes are already pending" in caplog.text
+
+
+def test_recv_enforces_the_frame_limit(caplog):
+    with ChannelServer(b"k" * 32) as server, caplog.at_level(logging.WARNING):
+        conn = connect(("127.0.0.1", server.port), b"k" * 32)
+        conn._sock.sendall(struct.pack("!I", channel.MAX_FRAME + 1))
+        _, closed = server.inbox.get(timeout=5)
+        assert closed is None
+        conn.close()
+    assert "over the" in caplog.text and "limit" in caplog.text
+
+
+def test_accept_loop_survives_an_error(monkeypatch, caplog):
+    with ChannelServer(b"k" * 32) as server, caplog.at_level(logging.WARNING):
+        real = server._admit
+        calls = []
+
+        def flaky(sock, peer):
+            calls.append(peer)
+            if len(calls) == 1:
+                raise RuntimeError("something odd")
+            real(sock, peer)
+
+        monkeypatch.setattr(server, "_admit", flaky)
+        first = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        assert first.recv(100) == b""
+        first.close()
+        conn = connect(("127.0.0.1", server.port), b"k" * 32)
+        conn.send("still serving")
+        assert server.inbox.get(timeout=5)[1] == "still serving"
+        conn.close()
+    assert "something odd" in caplog.text
+
+
+def test_bind_address_and_port_range():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        taken = probe.getsockname()[1]
+        probe.listen()
+        with pytest.raises(ChannelError, match=f"no free port .* in {taken}-{taken}"):
+            ChannelServer(b"k" * 32, "127.0.0.1", (taken, taken))
+    with ChannelServer(b"k" * 32) as server:
+        assert server._listener.getsockname()[0] == "127.0.0.1"  # loopback unless told otherwise
+    low = taken + 1 if taken < 65000 else 40000
+    with ChannelServer(b"k" * 32, "127.0.0.1", (low, low + 20)) as server:
+        assert low <= server.port <= low + 20
+
+
+def test_channel_address_follows_spark():
+    from ringtrain.launcher.driver import channel_address
+
+    assert channel_address(None, None) == ("127.0.0.1", "127.0.0.1")
+    assert channel_address(None, "10.0.0.5") == ("10.0.0.5", "10.0.0.5")
+    assert channel_address("0.0.0.0", "driver.example") == ("0.0.0.0", "driver.example")

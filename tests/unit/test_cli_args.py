@@ -114,7 +114,14 @@ def test_environment_supplies_defaults_and_flags_win(monkeypatch):
         ([], {"RINGTRAIN_CONF": "spark.a"}, "RINGTRAIN_CONF entry 'spark.a'"),
         (["--env", "NOVALUE"], {}, "--env 'NOVALUE' is not KEY=VALUE"),
         (["--env", "1BAD=x"], {}, "not a valid environment variable name"),
-        (["--timeout", "-1"], {}, "timeout must be > 0"),
+        (["--timeout", "-1"], {}, "timeout must be a finite number of seconds > 0"),
+        (["--timeout", "nan"], {}, "timeout must be a finite number of seconds > 0, got nan"),
+        ([], {"RINGTRAIN_TIMEOUT": "inf"}, "timeout must be a finite number of seconds > 0, got inf"),
+        (["--max-restarts", "-1"], {}, "max_restarts must be a whole number >= 0"),
+        ([], {"RINGTRAIN_MAX_RESTARTS": "x"}, "RINGTRAIN_MAX_RESTARTS='x' is not valid"),
+        ([], {"RINGTRAIN_KILL_GRACE": "nan"}, "RINGTRAIN_KILL_GRACE='nan' is not valid"),
+        ([], {"RINGTRAIN_FUSION_THRESHOLD": "lots"}, "RINGTRAIN_FUSION_THRESHOLD='lots' is not valid"),
+        (["--env", "RINGTRAIN_FUSION_IMPL=fast"], {}, "RINGTRAIN_FUSION_IMPL='fast' is not valid"),
         ([], {"RINGTRAIN_BACKEND": "nccl"}, "unknown backend 'nccl'"),
         (["--gpus-per-proc", "0"], {}, "gpus_per_worker must be >= 1"),
     ],
@@ -284,3 +291,29 @@ def test_check_reports_missing_java(monkeypatch, capsys):
     assert cli.main(["check", "--no-smoke"]) == 1
     out = capsys.readouterr()
     assert "JDK 17" in out.out and "missing java" in out.err
+
+
+def test_restart_and_job_dir_flags(monkeypatch, tmp_path):
+    _, cfg = parse("--max-restarts", "2", "--job-dir", str(tmp_path), "train.py")
+    assert cfg.max_restarts == 2 and cfg.job_dir == str(tmp_path)
+    assert cfg.results == "none"  # a script's exit is its result: no return value travels
+    monkeypatch.setenv("RINGTRAIN_MAX_RESTARTS", "3")
+    monkeypatch.setenv("RINGTRAIN_JOB_DIR", "/shared/jobs/a")
+    _, cfg = parse("train.py")
+    assert cfg.max_restarts == 3 and cfg.job_dir == "/shared/jobs/a"
+    _, cfg = parse("--max-restarts", "0", "--job-dir", "/other", "train.py")
+    assert cfg.max_restarts == 0 and cfg.job_dir == "/other"  # flags win
+    _, cfg = parse("train.py")
+    assert cfg.max_restarts == 3
+    monkeypatch.delenv("RINGTRAIN_MAX_RESTARTS")
+    monkeypatch.delenv("RINGTRAIN_JOB_DIR")
+    _, cfg = parse("train.py")
+    assert cfg.max_restarts == 0 and cfg.job_dir is None
+
+
+def test_help_lists_the_new_flags(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["launch", "--help"])
+    out = capsys.readouterr().out
+    for text in ("--max-restarts N", "--job-dir DIR", "RINGTRAIN_MAX_RESTARTS", "RINGTRAIN_JOB_DIR"):
+        assert text in out

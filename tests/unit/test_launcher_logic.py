@@ -156,7 +156,7 @@ def test_with_parent_death_kills_the_command_when_its_starter_is_killed(tmp_path
     import sys
     import time
 
-    from ringtrain.launcher.agent import with_parent_death
+    from ringtrain.launcher.workers import with_parent_death
 
     pidfile = tmp_path / "child.pid"
     # A stand-in agent: starts a long sleep the way the agent starts mpiexec and proxies.
@@ -165,7 +165,7 @@ def test_with_parent_death_kills_the_command_when_its_starter_is_killed(tmp_path
             sys.executable,
             "-c",
             "import subprocess, sys, time\n"
-            "from ringtrain.launcher.agent import with_parent_death\n"
+            "from ringtrain.launcher.workers import with_parent_death\n"
             "child = subprocess.Popen(with_parent_death(['/bin/sleep', '300']), start_new_session=True)\n"
             f"open({str(pidfile)!r}, 'w').write(str(child.pid))\n"
             "time.sleep(300)\n",

@@ -1,0 +1,267 @@
+"""The keeper: the process a task agent runs in, out of Spark's reach, reaper of all it starts.
+
+Spark kills a task by SIGKILLing the PySpark worker process that runs it, and an
+executor going away takes that process's whole process group with it. Neither may
+leave a worker, a grandchild or a working directory behind, so the task agent does
+not run in that process:
+
+```
+PySpark worker (the barrier task: run(), a child subreaper while it runs)
+  └─ keeper: python -m ringtrain.launcher.keeper (own session, child subreaper)
+       └─ TaskAgent → workers / mpiexec / Hydra proxy → ranks → anything they start
+```
+
+- The keeper is a child subreaper (``prctl(PR_SET_CHILD_SUBREAPER)``): whatever a
+  worker starts, including grandchildren that call setsid or daemonize, is re-parented
+  to the keeper when its parent exits, so the keeper can always find and stop it.
+- It runs in its own session, so Spark's signals to the task's process group miss it.
+- The PySpark side relays ``BarrierTaskContext.allGather`` over a socketpair. When that
+  process vanishes (Spark killed the task, the executor was lost), the keeper sees EOF,
+  tells the driver, stops the workers (SIGTERM, then SIGKILL after the grace), stops
+  every other descendant, removes the working directory and exits.
+- If the keeper itself is killed, its orphans re-parent to the PySpark worker, which is
+  a subreaper for as long as the task runs and stops them the same way before it returns.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import pickle
+import queue
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import AgentLostError
+from ..protocol import Done, seal
+from .channel import _recv_exact
+
+logger = logging.getLogger(__name__)
+
+PR_SET_CHILD_SUBREAPER = 36
+PR_GET_CHILD_SUBREAPER = 37
+_FRAME = struct.Struct("!Q")
+
+
+def set_subreaper(on: bool) -> bool:
+    """Make this process a child subreaper (or not); return whether it was one before."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    was = ctypes.c_int(0)
+    libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(was), 0, 0, 0)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
+        logger.warning("prctl(PR_SET_CHILD_SUBREAPER) failed: errno %s", ctypes.get_errno())
+    return bool(was.value)
+
+
+def stop_descendants(grace: float) -> list[int]:
+    """SIGTERM every descendant of this process, SIGKILL what is left after ``grace``; reap them.
+
+    Returns the pids that got SIGTERM. Children already reaped by their owners are not seen.
+    """
+    from ..backends._hydra import _alive, descendants
+
+    me = os.getpid()
+    first = [p for p in descendants(me) if _alive(p)]
+    for pid in first:
+        _kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in descendants(me)):
+        _reap()
+        time.sleep(0.05)
+    # Again from the tree: something may have forked meanwhile.
+    for pid in descendants(me):
+        _kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and any(_alive(p) for p in descendants(me)):
+        time.sleep(0.02)
+    _reap()
+    return first
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _reap() -> None:
+    """Collect every exited child, adopted orphans included, so none stays a zombie."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _send(sock: socket.socket, message: Any) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    sock.sendall(_FRAME.pack(len(data)) + data)
+
+
+def _recv(sock: socket.socket) -> Any:
+    """One message from the other end of the socketpair (only ever our own process's
+    parent or child, so no seal); EOFError when it is gone."""
+    (length,) = _FRAME.unpack(_recv_exact(sock, _FRAME.size))
+    return pickle.loads(_recv_exact(sock, length))
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "did not exit"
+    if code < 0:
+        return f"was killed by signal {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+# ------------------------------------------------------------------ the PySpark side
+
+
+def run(job, partition: int, gpus: tuple[str, ...], all_gather: Callable[[str], list[str]]) -> list[bytes]:
+    """Run a task agent for ``partition`` in a keeper process; return the task's output rows.
+
+    Called inside the barrier task. Blocks until the keeper has finished (every process it
+    started has ended and its working directory is gone), relaying allGather meanwhile.
+    Raises AgentLostError if the keeper dies before it finishes.
+    """
+    workdir = tempfile.mkdtemp(prefix=f"ringtrain-p{partition}-")
+    was_subreaper = set_subreaper(True)
+    ours, theirs = socket.socketpair()
+    proc: subprocess.Popen | None = None
+    try:
+        env = dict(os.environ)
+        # The keeper and its workers see the modules this task sees (addPyFile included).
+        env["PYTHONPATH"] = os.pathsep.join(p for p in [env.get("PYTHONPATH", ""), *sys.path] if p)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ringtrain.launcher.keeper", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+        )
+        theirs.close()
+        _send(ours, (job, partition, gpus, workdir))
+        while True:
+            try:
+                kind, body = _recv(ours)
+            except EOFError:
+                code = _wait(proc, 5.0)
+                raise AgentLostError(
+                    f"partition {partition}: the ringtrain task agent (keeper pid {proc.pid}) "
+                    f"{_describe_exit(code)} before it finished; its workers were stopped. Look for "
+                    "an out-of-memory kill or a signal sent to it on that host",
+                    partition=partition,
+                    host=socket.gethostname(),
+                ) from None
+            if kind == "gather":
+                _send(ours, ("gathered", all_gather(body)))
+            elif kind == "finished":
+                return body
+    finally:
+        ours.close()  # EOF: a keeper still running stops everything and exits
+        if proc is not None and _wait(proc, job.kill_grace + 10.0) is None:
+            proc.kill()
+            _wait(proc, 5.0)
+        stop_descendants(min(job.kill_grace, 5.0))  # orphans adopted if the keeper died
+        set_subreaper(was_subreaper)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> int | None:
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+# ------------------------------------------------------------------ the keeper process
+
+
+class _Relay:
+    """The keeper's end of the socketpair: allGather through the PySpark side, and its loss."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self._replies: queue.Queue = queue.Queue()
+        self._send_lock = threading.Lock()
+        self.on_lost: Callable[[], None] = lambda: None
+        self.lost = threading.Event()
+        threading.Thread(target=self._listen, name="ringtrain-keeper-relay", daemon=True).start()
+
+    def _listen(self) -> None:
+        try:
+            while True:
+                self._replies.put(_recv(self._sock))
+        except (EOFError, OSError):
+            self.lost.set()
+            self._replies.put(None)
+            self.on_lost()
+
+    def all_gather(self, payload: str) -> list[str]:
+        with self._send_lock:
+            _send(self._sock, ("gather", payload))
+        reply = self._replies.get()
+        if reply is None:
+            raise AgentLostError("the Spark task hosting this agent vanished during the rendezvous")
+        return reply[1]
+
+    def finish(self, rows: list[bytes]) -> None:
+        try:
+            with self._send_lock:
+                _send(self._sock, ("finished", rows))
+        except OSError:
+            pass
+
+
+def main(fd: int) -> None:
+    """Entry point of the keeper process (``python -m ringtrain.launcher.keeper FD``)."""
+    from .agent import TaskAgent
+
+    set_subreaper(True)
+    # The PySpark worker's stop signals are not ours; SIGTERM still ends the agent cleanly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = socket.socket(fileno=fd)
+    job, partition, gpus, workdir = _recv(sock)
+    relay = _Relay(sock)
+    agent = TaskAgent(job, partition, gpus, relay.all_gather, workdir, sweep=stop_descendants)
+
+    def task_lost() -> None:
+        agent.lose_task(
+            "the Spark task process that started it vanished (Spark killed the task, or its executor "
+            "was lost)"
+        )
+
+    relay.on_lost = task_lost
+    if relay.lost.is_set():
+        task_lost()
+    signal.signal(signal.SIGTERM, lambda *_: agent.lose_task("the task agent got SIGTERM"))
+    try:
+        agent.run()
+    except BaseException:
+        logger.exception("partition %s: the task agent failed", partition)
+    finally:
+        stop_descendants(job.kill_grace)
+        shutil.rmtree(workdir, ignore_errors=True)
+        relay.finish([seal(job.secret, Done(partition))])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    # Through the package, so the agent and this module share one copy of it.
+    from ringtrain.launcher import keeper
+
+    keeper.main(int(sys.argv[1]))

@@ -1,0 +1,384 @@
+"""The task agent's supervision, with fake workers, a fake driver connection and a fake allGather."""
+
+from __future__ import annotations
+
+import queue
+import signal
+import threading
+import time
+
+from ringtrain import progress
+from ringtrain.errors import BackendStartError, ConfigError
+from ringtrain.launcher.agent import DriverLink, RankLogs, TaskAgent, TaskJob
+from ringtrain.launcher.workers import WorkerGroup, format_stacks, is_blocked
+from ringtrain.protocol import (
+    Abort,
+    AgentFailed,
+    BackendFailed,
+    Done,
+    Failed,
+    Heartbeat,
+    Hello,
+    Log,
+    LogsDropped,
+    Ping,
+    Release,
+    Result,
+    TaskLost,
+)
+
+
+class FakeConn:
+    """The driver's side of the control channel, as the agent sees it."""
+
+    def __init__(self):
+        self.sent: list = []
+        self.inbox: queue.Queue = queue.Queue()
+        self.last_heard = time.monotonic()
+        self.closed = threading.Event()
+        self.hold = threading.Event()  # set: send() blocks (a slow driver)
+
+    def send(self, message):
+        while self.hold.is_set():
+            time.sleep(0.01)
+        self.sent.append(message)
+
+    def recv(self):
+        message = self.inbox.get()
+        if message is None:
+            raise EOFError("closed")
+        self.last_heard = time.monotonic()
+        return message
+
+    def local_host(self):
+        return "127.0.0.1"
+
+    def close(self):
+        self.closed.set()
+        self.inbox.put(None)
+
+    def of(self, kind):
+        return [m for m in self.sent if isinstance(m, kind)]
+
+
+class FakeGroup(WorkerGroup):
+    """Workers as threads: each rank's plan returns its exit code, unless a signal ends it first."""
+
+    def __init__(self, specs, files, sink, plans):
+        super().__init__(specs, files, sink)
+        self.plans = plans
+        self.codes: dict[int, int] = {}
+        self.stop_calls = 0
+        self.killed: list[int] = []
+        self.deaf: set[int] = set()  # ranks that cannot act on SIGTERM (blocked in native code)
+
+    def start(self):
+        for spec in self.specs:
+            threading.Thread(target=self._run, args=(spec.rank,), daemon=True).start()
+        return True
+
+    def _run(self, rank):
+        code = self.plans[rank](self, rank)
+        self.codes.setdefault(rank, code)
+
+    def poll(self, rank):
+        return self.codes.get(rank)
+
+    def drain(self, rank):
+        pass
+
+    def stop(self, grace):
+        self.stop_calls += 1
+        super().stop(grace)
+
+    def _signal(self, rank, sig):
+        if rank in self.codes:
+            return False
+        self.killed.append(rank)
+        if sig == signal.SIGKILL or rank not in self.deaf:
+            self.codes[rank] = -sig
+        return True
+
+    def _finish_stop(self):
+        pass
+
+
+def returns(value: bytes, output=()):
+    def plan(group, rank):
+        for line in output:
+            group.sink(rank, "stdout", line)
+        group.files.result(rank).write_bytes(value)
+        while not group.files.release.exists() and rank not in group.codes:
+            time.sleep(0.01)
+        return 0
+
+    return plan
+
+
+def fails(code, text="Traceback: boom\n", after=0.0):
+    def plan(group, rank):
+        time.sleep(after)
+        group.files.error(rank).write_text(text)
+        return code
+
+    return plan
+
+
+def exits_quietly(group, rank):
+    return 0  # no result: as after os._exit(0)
+
+
+def hangs(group, rank):
+    while rank not in group.codes:
+        time.sleep(0.01)
+    return group.codes[rank]
+
+
+def in_collective(group, rank):
+    recorder = progress.FileRecorder(group.files.progress(rank))
+    recorder.enter("allreduce(grads)")
+    group.deaf.add(rank)
+    return hangs(group, rank)
+
+
+def _job(**kw):
+    defaults = dict(
+        driver=("127.0.0.1", 1),
+        secret=b"s" * 32,
+        backend="tf",
+        payload=b"payload",
+        worker_env={},
+        kill_grace=2.0,
+        show_tf_noise=False,
+        heartbeat_interval=0.1,
+        heartbeat_timeout=30.0,
+    )
+    return TaskJob(**{**defaults, **kw})
+
+
+class Harness:
+    """One agent for a task with two GPUs (two workers, ranks 0 and 1), run on a thread."""
+
+    def __init__(self, tmp_path, plans, raises=None, **job):
+        self.conn = FakeConn()
+        self.workdir = tmp_path / "work"
+        self.workdir.mkdir()
+        self.plans = plans
+        self.group = None
+        harness = self
+
+        class Agent(TaskAgent):
+            def _make_group(self, specs, offers, host, link):
+                if raises:
+                    raise raises
+                harness.group = FakeGroup(specs, self.files, self._output, harness.plans)
+                return harness.group
+
+        self.agent = Agent(
+            _job(**job),
+            partition=0,
+            gpus=("0", "1"),
+            all_gather=lambda offer: [offer],
+            workdir=self.workdir,
+            connect=lambda address, secret: self.conn,
+        )
+        self.thread = threading.Thread(target=self.agent.run, daemon=True)
+
+    def run(self, timeout=10.0):
+        if not self.thread.is_alive() and self.thread.ident is None:
+            self.thread.start()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the agent did not finish"
+
+    def until(self, condition, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, "condition never held"
+            time.sleep(0.01)
+
+
+def test_results_then_release_then_done(tmp_path):
+    h = Harness(tmp_path, {0: returns(b"r0", ["hello"]), 1: returns(b"r1")}, job_dir=str(tmp_path / "job"))
+    h.thread.start()
+    h.until(lambda: len(h.conn.of(Result)) == 2)
+    assert {m.rank: m.data for m in h.conn.of(Result)} == {0: b"r0", 1: b"r1"}
+    h.until(lambda: h.conn.of(Heartbeat))
+    h.conn.inbox.put(Release())
+    h.run()
+    assert isinstance(h.conn.sent[0], Hello) and isinstance(h.conn.sent[-1], Done)
+    assert Log(0, "stdout", "hello") in h.conn.sent
+    assert not h.conn.of(Failed)
+    assert not h.workdir.exists()  # removed before "done"
+    assert "hello" in (tmp_path / "job" / "logs" / "rank-0.log").read_text()
+
+
+def test_a_failing_worker_is_reported_and_its_peer_stopped(tmp_path):
+    h = Harness(tmp_path, {0: hangs, 1: fails(3, after=0.2)})
+    h.run()
+    (failed,) = h.conn.of(Failed)
+    assert (failed.failure.rank, failed.failure.exitcode) == (1, 3)
+    assert "Traceback: boom" in failed.failure.traceback
+    assert h.group.killed == [0] and h.group.stop_calls == 1
+    assert isinstance(h.conn.sent[-1], Done)
+
+
+def test_exit_zero_without_a_result_is_a_failure(tmp_path):
+    h = Harness(tmp_path, {0: hangs, 1: exits_quietly})
+    h.run()
+    (failed,) = h.conn.of(Failed)
+    assert failed.failure.exitcode == 0 and "os._exit(0)" in failed.failure.traceback
+
+
+def test_abort_from_the_driver_stops_every_worker(tmp_path):
+    h = Harness(tmp_path, {0: hangs, 1: hangs})
+    h.thread.start()
+    h.until(lambda: h.conn.of(Heartbeat))
+    h.conn.inbox.put(Abort("a peer failed"))
+    h.run()
+    assert sorted(h.group.killed) == [0, 1] and not h.conn.of(Failed)
+    assert isinstance(h.conn.sent[-1], Done)
+
+
+def test_a_silent_driver_stops_the_workers_in_bounded_time(tmp_path):
+    h = Harness(tmp_path, {0: hangs, 1: hangs}, heartbeat_timeout=0.5)
+    started = time.monotonic()
+    h.run(timeout=5)
+    assert time.monotonic() - started < 3
+    assert sorted(h.group.killed) == [0, 1]
+
+
+def test_pings_keep_the_agent_going(tmp_path):
+    h = Harness(tmp_path, {0: hangs, 1: hangs}, heartbeat_timeout=0.5)
+    h.thread.start()
+    for _ in range(15):  # 1.5 s, three times the timeout
+        h.conn.inbox.put(Ping())
+        time.sleep(0.1)
+    assert h.thread.is_alive() and not h.group.killed
+    h.conn.inbox.put(Abort("done testing"))
+    h.run()
+
+
+def test_losing_the_spark_task_is_reported_and_stops_everything(tmp_path):
+    h = Harness(tmp_path, {0: hangs, 1: hangs})
+    h.thread.start()
+    h.until(lambda: h.conn.of(Heartbeat))
+    h.agent.lose_task("the Spark task vanished")
+    h.run()
+    assert h.conn.of(TaskLost) == [TaskLost(0, "the Spark task vanished")]
+    assert sorted(h.group.killed) == [0, 1]
+
+
+def test_backend_that_cannot_start_is_reported(tmp_path):
+    h = Harness(tmp_path, {}, raises=BackendStartError("no mpiexec here"))
+    h.run()
+    assert h.conn.of(BackendFailed) == [BackendFailed(0, "no mpiexec here")]
+    assert isinstance(h.conn.sent[-1], Done)
+
+
+def test_heartbeats_carry_each_ranks_progress(tmp_path):
+    h = Harness(tmp_path, {0: in_collective, 1: hangs})
+    h.thread.start()
+    h.until(lambda: any(b.ranks and b.ranks[0].collective for b in h.conn.of(Heartbeat)))
+    beat = [b for b in h.conn.of(Heartbeat) if b.ranks and b.ranks[0].collective][-1]
+    zero, one = beat.ranks
+    assert zero.collective == "allreduce(grads)" and zero.seq == 1
+    assert one.silent_for is None  # no progress file: still starting up
+    h.conn.inbox.put(Abort("done"))
+    h.run()
+
+
+def test_blocked_worker_is_killed_early(tmp_path):
+    h = Harness(tmp_path, {0: in_collective, 1: fails(1, after=0.3)}, kill_grace=30.0)
+    started = time.monotonic()
+    h.run(timeout=10)
+    # Not the whole 30 s grace: rank 0 is stuck in a collective its peer will never join.
+    assert time.monotonic() - started < 5
+    assert h.group.killed.count(0) == 2  # SIGTERM, then SIGKILL once it was clearly blocked
+
+
+def test_link_drops_log_lines_when_behind_but_never_control_messages():
+    conn = FakeConn()
+    conn.hold.set()
+    link = DriverLink(conn, heartbeat_timeout=30, max_queued_logs=5)
+    for i in range(50):
+        link.send_log(Log(1, "stdout", f"line {i}"))
+    link.send(Result(1, b"x"))
+    conn.hold.clear()
+    link.close()
+    logs = conn.of(Log)
+    assert len(logs) < 50 and conn.of(Result) == [Result(1, b"x")]
+    dropped = conn.of(LogsDropped)
+    assert sum(d.count for d in dropped) + len(logs) == 50 and all(d.rank == 1 for d in dropped)
+
+
+def test_rank_logs_keep_every_line(tmp_path):
+    logs = RankLogs(str(tmp_path), attempt=2)
+    logs.open(0)
+    for i in range(1000):
+        logs.write(0, f"line {i}")
+    logs.close()
+    lines = (tmp_path / "logs" / "rank-0.log").read_text().splitlines()
+    assert lines[0].startswith("==== ringtrain rank 0, restart 2, ")
+    assert lines[1:] == [f"line {i}" for i in range(1000)]
+
+
+def test_format_stacks_puts_the_main_thread_first():
+    dump = (
+        "Thread 0x00007f0000000002 (most recent call first):\n"
+        '  File "/x/ringtrain/worker/_watch.py", line 80 in run\n\n'
+        'Thread 0x00007f0000000003 (most recent call first):\n  File "/x/reader.py", line 5 in read\n\n'
+        'Current thread 0x00007f0000000001 (most recent call first):\n  File "/x/train.py", line 9 in step\n'
+    )
+    text = format_stacks(dump, 0x00007F0000000001)
+    assert text.splitlines()[0].startswith("Current thread 0x00007f0000000001")
+    assert "reader.py" in text and "_watch.py" not in text
+
+
+def test_is_blocked():
+    def snap(entered_at=0.0, beat_at=0.0, runtime_since=0.0, python_since=0.0, stopping_at=0.0):
+        return progress.Snapshot(
+            pid=1, main_thread=1, seq=1, collective=None, left_at=0.0, where="", finished_at=0.0,
+            entered_at=entered_at, beat_at=beat_at, runtime_since=runtime_since, python_since=python_since,
+            stopping_at=stopping_at,
+        )  # fmt: skip
+
+    in_collective = snap(entered_at=99.0)
+    assert not is_blocked(in_collective, sigterm_at=100.0, now=100.5)  # too soon to tell
+    assert is_blocked(in_collective, sigterm_at=100.0, now=102.0)
+    # Its SIGTERM handler ran: it is cleaning up and gets the whole grace.
+    assert not is_blocked(snap(entered_at=99.0, stopping_at=100.2), sigterm_at=100.0, now=110.0)
+    in_tf = snap(beat_at=101.2, runtime_since=100.4)  # first sampled in the call just after the signal
+    assert is_blocked(in_tf, sigterm_at=100.0, now=102.0)
+    stale = snap(beat_at=99.5, runtime_since=90.0)  # no sample since the signal yet
+    assert not is_blocked(stale, sigterm_at=100.0, now=102.0)
+    python = snap(beat_at=101.5, python_since=95.0)  # e.g. a user's own handler writing a checkpoint
+    assert not is_blocked(python, sigterm_at=100.0, now=110.0)
+    assert not is_blocked(None, sigterm_at=100.0, now=110.0)
+
+
+def test_an_error_in_the_agent_itself_reaches_the_driver(tmp_path):
+    h = Harness(
+        tmp_path, {}, raises=ConfigError("gpus_per_worker=3 does not divide the 2 GPUs of partition 0")
+    )
+    h.run()
+    (failed,) = h.conn.of(AgentFailed)
+    assert isinstance(failed.error, ConfigError) and "gpus_per_worker=3" in failed.text
+    assert isinstance(h.conn.sent[-1], Done)
+
+
+def test_heartbeats_flow_while_the_rendezvous_waits(tmp_path):
+    h = Harness(tmp_path, {0: hangs, 1: hangs})
+    gate = threading.Event()
+
+    def slow_gather(offer):
+        gate.wait(10)  # other tasks of the barrier are still starting
+        return [offer]
+
+    h.agent._all_gather = slow_gather
+    h.thread.start()
+    h.until(lambda: len(h.conn.of(Heartbeat)) >= 3)
+    assert h.group is None  # no worker yet, and the driver already hears the agent
+    gate.set()
+    h.until(lambda: h.group is not None)
+    h.conn.inbox.put(Abort("done"))
+    h.run()
