@@ -145,35 +145,20 @@ def _pid_running(pid: int) -> bool:
         return False
 
 
-def _hydra_processes() -> list[str]:
-    """Command lines of live mpiexec / hydra_pmi_proxy processes."""
-    try:
-        import psutil
-    except ImportError:
-        psutil = None
-    found = []
-    if psutil is not None:
-        for p in psutil.process_iter(["cmdline", "status"]):
-            cmd = " ".join(p.info["cmdline"] or [])
-            if p.info["status"] != psutil.STATUS_ZOMBIE and _is_hydra(cmd):
-                found.append(cmd)
-        return found
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or not _pid_running(int(entry)):
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if _is_hydra(cmd):
-            found.append(cmd)
-    return found
+def _hydra_processes() -> set[int]:
+    """Live mpiexec / hydra_pmi_proxy / rank processes started by this test session.
 
+    Only processes carrying this session's marker count, so MPI jobs of other
+    sessions on the same machine are never mistaken for leaks.
+    """
+    from procs import pids_matching
 
-def _is_hydra(cmd: str) -> bool:
-    argv0 = cmd.split(" ", 1)[0]
-    return os.path.basename(argv0) in ("mpiexec", "mpiexec.hydra", "hydra_pmi_proxy") or "--role rank" in cmd
+    return {
+        pid
+        for pattern in ("mpiexec", "hydra_pmi_proxy", "--role rank")
+        for pid in pids_matching(pattern)
+        if _pid_running(pid)
+    }
 
 
 @pytest.mark.integration
@@ -183,7 +168,7 @@ def test_demo_end_to_end():
         import mpi4py  # noqa: F401
     except (BackendError, ImportError) as e:
         pytest.skip(f"MPI not available: {e}")
-    before = set(_hydra_processes())
+    before = _hydra_processes()
     res = subprocess.run(
         [sys.executable, DEMO, "--agents", "2", "--timeout", "30"],
         capture_output=True,
@@ -194,6 +179,9 @@ def test_demo_end_to_end():
     assert res.returncode == 0, out
     assert "SUCCESS" in out
     assert out.count(" OK") == 2, out
-    time.sleep(0.2)
-    left = set(_hydra_processes()) - before
+    deadline = time.monotonic() + 5.0
+    left = _hydra_processes() - before
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = _hydra_processes() - before
     assert not left, left
