@@ -19,13 +19,15 @@ class JobConfig:
     """Everything the launcher needs to run one job.
 
     ``num_proc`` counts worker processes; ``None`` means every GPU, or every slot
-    on CPU. ``worker_env`` is added to each worker's environment. ``timeout`` bounds
+    on CPU. ``remote`` is a Spark Connect URL (``sc://...``, or ``local[N]``) to use
+    instead of a master. ``worker_env`` is added to each worker's environment. ``timeout`` bounds
     the job's wall-clock seconds; past it every worker is stopped.
     """
 
     num_proc: int | None = None
     backend: str = "auto"
     master: str | None = None
+    remote: str | None = None
     spark_conf: Mapping[str, str] = field(default_factory=dict)
     worker_env: Mapping[str, str] = field(default_factory=dict)
     threads_per_worker: int = 0
@@ -48,6 +50,11 @@ class JobConfig:
                 )
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.master and self.remote:
+            raise ConfigError(
+                f"give a Spark master ({self.master}) or a Spark Connect remote ({self.remote}), "
+                "not both: a Connect server already has its master"
+            )
         for key, value in {**self.spark_conf, **self.worker_env}.items():
             if not isinstance(key, str) or not isinstance(value, str) or not key:
                 raise ConfigError(

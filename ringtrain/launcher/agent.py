@@ -23,11 +23,15 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import rendezvous
 from ..errors import BackendError
 from . import channel
 from .ports import PortReservation
+
+if TYPE_CHECKING:
+    from .stage import StageTask
 
 logger = logging.getLogger(__name__)
 
@@ -459,12 +463,6 @@ class TaskAgent:
         return ("failed", rank, w.spec.host, None if code < 0 else code, signal_name, text)
 
 
-def run_barrier_task(job: TaskJob, _rows) -> list[int]:
-    """Entry point of each barrier task (passed to ``mapPartitions``)."""
-    from pyspark import BarrierTaskContext
-
-    ctx = BarrierTaskContext.get()
-    resources = ctx.resources()
-    gpus = tuple(resources["gpu"].addresses) if "gpu" in resources else ()
-    TaskAgent(job, ctx.partitionId(), gpus, ctx.allGather).run()
-    return [ctx.partitionId()]
+def run_barrier_task(job: TaskJob, task: StageTask) -> None:
+    """Entry point of each barrier task (run by the launch stage, see stage.py)."""
+    TaskAgent(job, task.partition, task.gpus, task.all_gather).run()

@@ -26,6 +26,7 @@ from ..errors import (
 from . import spark
 from .agent import TaskJob, run_barrier_task
 from .channel import ChannelServer
+from .stage import BarrierStage
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +50,11 @@ def launch(config: JobConfig, payload: bytes, printer: LogPrinter | None = None)
     and the reason is logged; a named backend's failure is raised as it is.
     """
     session = spark.get_session(config)
-    sc = session.sparkContext
-    layout = spark.preflight(sc, config)
+    layout = spark.preflight(session, config)
     tried = backends.candidates(config.backend, layout.uses_gpus, backends.mpi_installed())
     for attempt, backend in enumerate(tried):
         try:
-            return _launch_once(sc, layout, replace(config, backend=backend), payload, printer)
+            return _launch_once(session, layout, replace(config, backend=backend), payload, printer)
         except BackendStartError as err:
             if attempt + 1 == len(tried):
                 raise
@@ -64,8 +64,10 @@ def launch(config: JobConfig, payload: bytes, printer: LogPrinter | None = None)
     raise AssertionError("unreachable: candidates() is never empty")
 
 
-def _launch_once(sc, layout: spark.Layout, config: JobConfig, payload: bytes, printer: LogPrinter | None):
-    driver_host = sc.getConf().get("spark.driver.host") or "127.0.0.1"
+def _launch_once(
+    session, layout: spark.Layout, config: JobConfig, payload: bytes, printer: LogPrinter | None
+):
+    driver_host = spark.driver_host(session)
     secret = secrets.token_bytes(32)
     with ChannelServer(secret) as server:
         job = TaskJob(
@@ -78,8 +80,10 @@ def _launch_once(sc, layout: spark.Layout, config: JobConfig, payload: bytes, pr
             show_tf_noise=config.show_tf_noise,
             gpus_per_worker=config.gpus_per_worker,
         )
-        barrier = spark.BarrierJob(sc, layout.num_tasks, partial(run_barrier_task, job))
+        task_fn = partial(run_barrier_task, job)
+        barrier = BarrierStage(session, layout.num_tasks, task_fn, profile=layout.profile)
         barrier.start()
+        spark.await_slots(barrier, layout, config)
         supervisor = _Supervisor(server, barrier, layout, config, printer or LogPrinter())
         return supervisor.run()
 
@@ -103,7 +107,7 @@ class _Supervisor:
     def __init__(
         self,
         server: ChannelServer,
-        barrier: spark.BarrierJob,
+        barrier: BarrierStage,
         layout: spark.Layout,
         config: JobConfig,
         printer: LogPrinter,
