@@ -39,6 +39,7 @@ FLAG_VARS = {
     "num_proc": "RINGTRAIN_NP",
     "backend": "RINGTRAIN_BACKEND",
     "master": "RINGTRAIN_MASTER",
+    "remote": "RINGTRAIN_REMOTE",
     "gpus_per_proc": "RINGTRAIN_GPUS_PER_PROC",
     "conf": "RINGTRAIN_CONF",
     "env": "RINGTRAIN_ENV",
@@ -59,6 +60,8 @@ examples:
       four workers on a standalone cluster (train.py must exist at the same path on every host)
   ringtrain launch --master local-cluster[2,2,1024] --env DATA=/shared/data train.py
       every slot of the cluster, with DATA set in each worker
+  ringtrain launch -np 2 --remote sc://spark-connect.example.com:15002 train.py
+      two workers through a Spark Connect server (SPARK_REMOTE also works)
   RINGTRAIN_NP=2 RINGTRAIN_CONF='spark.driver.memory=4g' ringtrain launch train.py
       flags from the environment; a flag on the command line beats its variable
 
@@ -126,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="Spark master: spark://HOST:PORT, yarn, k8s://..., local-cluster[...], "
         "local[N] (default: an embedded local Spark)",
+    )
+    launch.add_argument(
+        "--remote",
+        metavar="URL",
+        help="Spark Connect server: sc://HOST[:PORT][/;param=value...], or local[N] for one in this "
+        "process (default: SPARK_REMOTE, else --master)",
     )
     launch.add_argument(
         "--gpus-per-proc",
@@ -226,12 +235,15 @@ def config_from_args(ns: argparse.Namespace) -> JobConfig:
     for dest, field_name, parse in (
         ("backend", "backend", str),
         ("master", "master", str),
+        ("remote", "remote", str),
         ("gpus_per_proc", "gpus_per_worker", int),
         ("timeout", "timeout", float),
     ):
         value = pick(dest, parse)
         if value is not None:
             overrides[field_name] = value
+    if "remote" not in overrides and "master" not in overrides and os.environ.get("SPARK_REMOTE"):
+        overrides["remote"] = os.environ["SPARK_REMOTE"]  # pyspark's own variable for Connect
     if ns.threads is not None:  # else JobConfig.from_env reads RINGTRAIN_TF_THREADS
         overrides["threads_per_worker"] = ns.threads
     # Per key, a --conf/--env flag beats the same key in the variable. Spark's console
@@ -302,6 +314,8 @@ def launch(config: JobConfig, script: str, script_args: Sequence[str]) -> int:
     payload = serialize_task(ScriptTask.from_path(script, tuple(script_args)))
     if config.master:
         spark.check_master_reachable(config.master)
+    if config.remote:
+        spark.check_remote_reachable(config.remote)
     stop = StopSignals()
     try:
         with stop:
@@ -324,11 +338,13 @@ def _stop_spark(quiet: bool = False) -> None:
     try:
         from pyspark.sql import SparkSession
 
+        from .launcher.stage import is_connect
+
         session = SparkSession.getActiveSession()
         if session is not None:
-            if quiet:
+            if quiet and not is_connect(session):
                 session.sparkContext.setLogLevel("OFF")
-            session.stop()
+            session.stop()  # on Connect: releases this client's session on the server
     except Exception as err:  # the JVM may already be gone
         logger.debug("stopping Spark failed: %s", err)
 

@@ -55,45 +55,62 @@ class StageTask:
 TaskFn = Callable[[StageTask], "Iterable[bytes] | None"]
 
 
+# The chunk number of the row that closes a task's output; its ``record`` holds how many
+# records the task sent, so a record lost at the end is noticed too.
+END_CHUNK = -1
+
+
 def chunk_rows(partition: int, records: Iterable[bytes], chunk_bytes: int = CHUNK_BYTES) -> Iterator[dict]:
     """Pure: the output rows of one task's records, each ``data`` at most ``chunk_bytes`` long.
 
-    An empty record still gives one row, so every record arrives, in order.
+    An empty record still gives one row, so every record arrives, in order; a last row
+    (chunk END_CHUNK) counts them.
     """
-    for record, data in enumerate(records):
+    count = 0
+    for count, data in enumerate(records, start=1):
         view = memoryview(data)
-        starts = range(0, max(len(view), 1), chunk_bytes)
-        for chunk, start in enumerate(starts):
+        for chunk, start in enumerate(range(0, max(len(view), 1), chunk_bytes)):
             yield {
                 "partition": partition,
-                "record": record,
+                "record": count - 1,
                 "chunk": chunk,
                 "last": start + chunk_bytes >= len(view),
                 "data": bytes(view[start : start + chunk_bytes]),
             }
+    yield {"partition": partition, "record": count, "chunk": END_CHUNK, "last": True, "data": b""}
 
 
 def assemble(rows: Iterable[dict]) -> dict[int, list[bytes]]:
     """Pure: the records of each partition, from output rows in any order.
 
-    Raises ChannelError when a record is missing a chunk.
+    Raises ChannelError when a record, or a chunk of one, is missing.
     """
+    counts: dict[int, int] = {}
     by_record: dict[tuple[int, int], list[tuple[int, bool, bytes]]] = {}
     for row in rows:
-        by_record.setdefault((row["partition"], row["record"]), []).append(
-            (row["chunk"], row["last"], row["data"])
-        )
-    records: dict[int, list[bytes]] = {}
+        if row["chunk"] == END_CHUNK:
+            counts[row["partition"]] = row["record"]
+        else:
+            by_record.setdefault((row["partition"], row["record"]), []).append(
+                (row["chunk"], row["last"], row["data"])
+            )
+    records: dict[int, list[bytes]] = {partition: [] for partition in counts}
     for (partition, record), chunks in sorted(by_record.items()):
         chunks.sort()
-        complete = [c[0] for c in chunks] == list(range(len(chunks))) and chunks[-1][1]
-        if not complete or len(records.get(partition, [])) != record:
-            raise ChannelError(
-                f"the output of partition {partition} arrived incomplete (record {record}); "
-                "the Spark job lost part of its result"
-            )
-        records.setdefault(partition, []).append(b"".join(c[2] for c in chunks))
+        whole = [c[0] for c in chunks] == list(range(len(chunks))) and chunks[-1][1]
+        if not whole or len(records.setdefault(partition, [])) != record:
+            raise _incomplete(partition)
+        records[partition].append(b"".join(c[2] for c in chunks))
+    for partition, got in records.items():
+        if counts.get(partition) != len(got):
+            raise _incomplete(partition)
     return records
+
+
+def _incomplete(partition: int) -> ChannelError:
+    return ChannelError(
+        f"the output of partition {partition} arrived incomplete; the Spark job lost part of its result"
+    )
 
 
 def _run_task(task_fn: TaskFn, batches: Iterator[Any]) -> Iterator[Any]:
