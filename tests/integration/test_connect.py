@@ -1,0 +1,235 @@
+"""ringtrain on a Spark Connect session: one local Connect server (local[2]) for the module.
+
+The server runs in its own process (started with spark-submit), so this test process stays
+a pure Connect client beside the classic session other modules use. Each test switches
+pyspark into Connect mode for its duration, as a Connect-only process would be.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from connect_server import LocalConnectServer
+from procs import wait_for_no_workers
+
+import ringtrain
+from ringtrain.launcher.stage import CHUNK_BYTES, BarrierStage, StageTask
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftover_workers")]
+
+HELPERS = Path(__file__).resolve().parent.parent / "helpers"
+# Set in the Connect server's environment only: a worker that sees it ran under that server.
+SERVER_MARK = "RT_TEST_CONNECT_SERVER"
+
+
+@pytest.fixture(scope="module")
+def connect_server():
+    previous = os.environ.get(SERVER_MARK)
+    os.environ[SERVER_MARK] = "1"
+    try:
+        server = LocalConnectServer("local[2]")
+        server.start()
+    finally:
+        if previous is None:
+            del os.environ[SERVER_MARK]
+    try:
+        yield server
+    finally:
+        server.stop()
+        assert not wait_for_no_workers(timeout=10.0, pattern="SparkConnectServer")
+
+
+@pytest.fixture(scope="module")
+def connect_client(connect_server):
+    from pyspark.sql.connect.session import SparkSession as RemoteSession
+
+    session = RemoteSession.builder.remote(connect_server.url).getOrCreate()
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def connect(connect_client, monkeypatch):
+    """The shared Connect session, with pyspark in Connect mode for this test."""
+    monkeypatch.setenv("SPARK_CONNECT_MODE_ENABLED", "1")
+    from ringtrain.launcher.spark import active_session
+
+    assert active_session() is connect_client
+    return connect_client
+
+
+def _value(x):
+    return {"value": x * 10 + ringtrain.rank(), "server": os.environ.get(SERVER_MARK)}
+
+
+@pytest.mark.parametrize("backend", ["tf", "mpi"])
+def test_run_returns_rank_zero_and_every_rank_in_order(connect, backend):
+    first = ringtrain.run(_value, 4, num_proc=2, backend=backend)
+    assert first == {"value": 40, "server": "1"}  # it ran under the Connect server
+    every = ringtrain.run(_value, 5, num_proc=2, backend=backend, return_all=True)
+    assert [v["value"] for v in every] == [50, 51]
+
+
+def _fail_on_rank_one():
+    if ringtrain.rank() == 1:
+        raise ValueError("bad batch on rank one")
+    time.sleep(600)  # would hang the job if rank 0 were not stopped
+
+
+@pytest.mark.parametrize("backend", ["tf", "mpi"])
+def test_raising_rank_gives_worker_error_with_traceback(connect, backend):
+    started = time.monotonic()
+    with pytest.raises(ringtrain.WorkerError) as info:
+        ringtrain.run(_fail_on_rank_one, num_proc=2, backend=backend)
+    assert time.monotonic() - started < 60
+    assert info.value.ranks == [1]
+    assert "rank 1" in str(info.value) and "ValueError: bad batch on rank one" in str(info.value)
+    assert "Traceback (most recent call last)" in str(info.value)
+
+
+def test_worker_output_streams_live_with_rank_prefix(connect, capfd):
+    def talk():
+        print(f"hello from {ringtrain.rank()}")
+
+    ringtrain.run(talk, num_proc=2, backend="mpi")
+    out = capfd.readouterr().out.splitlines()
+    assert "[0] hello from 0" in out and "[1] hello from 1" in out
+
+
+def test_too_many_workers_fail_fast_naming_slots(connect):
+    started = time.monotonic()
+    with pytest.raises(ringtrain.ResourceError, match=r"num_proc=3 .* cluster has 2"):
+        ringtrain.run(lambda: None, num_proc=3)
+    assert time.monotonic() - started < 30
+
+
+def _big_records(task: StageTask):
+    import random
+
+    payload = random.Random(task.partition).randbytes(9 * CHUNK_BYTES + 123)
+    return [payload, b"", f"small {task.partition}".encode()]
+
+
+def test_results_larger_than_an_arrow_batch_arrive_intact(connect):
+    # Connect's Arrow batches hold about 70 % of 4 MiB by default; each record here is 9 MiB.
+    stage = BarrierStage(connect, 2, _big_records)
+    rows = stage.dataframe().toArrow()
+    assert max(len(d) for d in rows.column("data").to_pylist()) <= CHUNK_BYTES
+    stage.start()
+    stage.join(120)
+    assert stage.done() and stage.error is None, stage.error
+    for partition in (0, 1):
+        expected = _big_records(StageTask(partition, (), None, iter(())))
+        got = stage.records[partition]
+        assert [hashlib.sha256(r).hexdigest() for r in got] == [
+            hashlib.sha256(r).hexdigest() for r in expected
+        ]
+
+
+def test_a_large_return_value_reaches_the_caller(connect):
+    value = ringtrain.run(lambda: os.urandom(1) * (6 << 20), num_proc=2, backend="mpi")
+    assert len(value) == 6 << 20 and len(set(value)) == 1
+
+
+def _sleep_and_record_pid(directory: str):
+    def task(t: StageTask):
+        Path(directory, f"pid-{t.partition}").write_text(str(os.getpid()))
+        time.sleep(600)
+
+    return task
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_cancel_kills_the_running_tasks(connect, tmp_path):
+    stage = BarrierStage(connect, 2, _sleep_and_record_pid(str(tmp_path)))
+    stage.start()
+    assert stage.wait_started(120)
+    pidfiles = [tmp_path / "pid-0", tmp_path / "pid-1"]
+    deadline = time.monotonic() + 60
+    while not all(p.exists() and p.read_text() for p in pidfiles) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pids = [int(p.read_text()) for p in pidfiles]
+    stage.cancel()
+    stage.join(30)
+    assert stage.done() and stage.error is not None
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in pids if _alive(pid)], "a cancelled task's Python process is still running"
+
+
+def test_a_stage_without_enough_slots_never_starts(connect):
+    stage = BarrierStage(connect, 3, lambda task: None)  # local[2] has two slots
+    stage.start()
+    try:
+        assert not stage.wait_started(8)
+        assert not stage.done()
+    finally:
+        stage.cancel()
+        stage.join(30)
+    assert stage.done()
+
+
+def test_launch_remote_runs_a_script(connect_server):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RINGTRAIN_NP", "RINGTRAIN_MASTER"))}
+    env.pop("SPARK_CONNECT_MODE_ENABLED", None)
+    argv = [sys.executable, "-m", "ringtrain", "launch", "-np", "2", "--remote", connect_server.url]
+    done = subprocess.run(
+        [*argv, "--env", "GREETING=hi", str(HELPERS / "cli_hello.py"), "--epochs", "3"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    for rank in (0, 1):
+        assert f"[{rank}] hello rank={rank} size=2 workers=2 argv=['--epochs', '3']" in lines
+        assert f"[{rank}] GREETING=hi" in lines
+    assert "[1] to stderr from 1" in done.stderr.splitlines()
+
+
+def test_launch_remote_failure_exit_code(connect_server):
+    env = dict(os.environ, SPARK_REMOTE=connect_server.url)
+    env.pop("SPARK_CONNECT_MODE_ENABLED", None)
+    env.pop("RINGTRAIN_MASTER", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "ringtrain", "launch", "-np", "2", str(HELPERS / "cli_exit.py"), "3"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "exited with code 3" in done.stderr.splitlines()[-1]
+
+
+def test_concurrent_runs_share_the_session(connect):
+    # Two jobs from two threads of one Connect client: each stage has its own tag and thread.
+    results: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        results[i] = ringtrain.run(_value, i, num_proc=1, backend="mpi")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert results == {1: {"value": 10, "server": "1"}, 2: {"value": 20, "server": "1"}}
