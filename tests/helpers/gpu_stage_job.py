@@ -1,0 +1,113 @@
+"""Stage-level GPUs on local-cluster[2,2,1024] with fake GPUs and no task GPU amount set.
+
+Executors have 2 GPUs each; the session gives tasks none, so ringtrain's training stage
+asks for its GPUs through its own resource profile. Prints one JSON line:
+
+- ``four``: each rank's view of a 4-worker job (one GPU each);
+- ``too_many``: the error for 6 workers;
+- ``held``: a 2-worker job with 2 GPUs per worker, which holds every GPU of the cluster
+  until released, while a plain Spark job of the same session runs on the free cores.
+
+Run in its own process: a local-cluster needs its own SparkContext.
+"""
+
+import json
+import os
+import pickle
+import sys
+import threading
+import time
+from pathlib import Path
+
+import ringtrain
+from ringtrain.api import serialize_task
+from ringtrain.config import JobConfig
+from ringtrain.launcher import driver
+from ringtrain.launcher.spark import loopback_session
+from ringtrain.worker import FunctionTask
+
+HELD_SECONDS = 120
+
+
+def view():
+    import ringtrain.backends.tf as tf_backend
+
+    return {
+        "rank": ringtrain.rank(),
+        "cuda": os.environ["CUDA_VISIBLE_DEVICES"],
+        "communication": tf_backend.communication(tf_backend.gpu_assigned()),
+    }
+
+
+def hold_gpus(directory):
+    """Say this rank holds its GPUs, then keep them until the driver releases the job."""
+    Path(directory, f"holding-{ringtrain.rank()}").write_text(os.environ["CUDA_VISIBLE_DEVICES"])
+    deadline = time.monotonic() + HELD_SECONDS
+    while not Path(directory, "release").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return os.environ["CUDA_VISIBLE_DEVICES"]
+
+
+def held_job(spark, directory):
+    """Run hold_gpus on 2 workers x 2 GPUs; meanwhile run a plain job and time it."""
+    config = JobConfig.from_env(num_proc=2, gpus_per_worker=2, backend="mpi")
+    outcome = {}
+
+    def train():
+        try:
+            results = driver.launch(config, serialize_task(FunctionTask(hold_gpus, (directory,))))
+            outcome["cuda"] = [pickle.loads(results[r]) for r in sorted(results)]
+        except Exception as err:  # reported in the JSON
+            outcome["error"] = f"{type(err).__name__}: {err}"
+
+    training = threading.Thread(target=train, daemon=True)
+    training.start()
+    holding = [Path(directory, f"holding-{rank}") for rank in (0, 1)]
+    deadline = time.monotonic() + HELD_SECONDS
+    while not all(p.exists() for p in holding) and time.monotonic() < deadline and training.is_alive():
+        time.sleep(0.1)
+    outcome["holding"] = all(p.exists() for p in holding)
+    plain = {}
+
+    def plain_job():
+        plain["sum"] = spark.range(100, numPartitions=2).selectExpr("sum(id) AS s").collect()[0]["s"]
+
+    started = time.monotonic()
+    job = threading.Thread(target=plain_job, daemon=True)
+    job.start()
+    job.join(60)
+    outcome["plain_sum"] = plain.get("sum")
+    outcome["plain_seconds"] = round(time.monotonic() - started, 1)
+    outcome["training_still_holding"] = training.is_alive()
+    Path(directory, "release").touch()
+    training.join(HELD_SECONDS)
+    return outcome
+
+
+def main(directory: str) -> None:
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_gpus.sh")
+    spark = loopback_session(
+        "local-cluster[2,2,1024]",
+        "ringtrain-stage-gpu-test",
+        {
+            "spark.worker.resource.gpu.amount": "2",
+            "spark.worker.resource.gpu.discoveryScript": script,
+            "spark.executor.resource.gpu.amount": "2",
+            "spark.executor.resource.gpu.discoveryScript": script,
+        },
+    )
+    report = {}
+    try:
+        report["four"] = ringtrain.run(view, num_proc=4, return_all=True)
+        try:
+            ringtrain.run(view, num_proc=6)
+        except ringtrain.RingtrainError as err:
+            report["too_many"] = f"{type(err).__name__}: {err}"
+        report["held"] = held_job(spark, directory)
+    finally:
+        print("REPORT " + json.dumps(report), flush=True)
+        spark.stop()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
