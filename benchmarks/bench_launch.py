@@ -1,12 +1,21 @@
-"""Launch overhead: ringtrain.run against spark-tensorflow-distributor, side by side.
+"""Launch overhead, side by side on warm sessions.
 
-Both run on one warm local[2] session, alternating, so machine noise hits both alike:
-a trivial function, and a 50-step tiny Keras fit (tf-keras, since Keras 3's fit fails
-under MultiWorkerMirroredStrategy). spark-tensorflow-distributor is installed only for
-this benchmark:
+Default: ringtrain.run against spark-tensorflow-distributor on one warm local[2] session,
+alternating, so machine noise hits both alike: a trivial function, and a 50-step tiny Keras
+fit (tf-keras, since Keras 3's fit fails under MultiWorkerMirroredStrategy).
+spark-tensorflow-distributor is installed only for this benchmark:
 
     pip install --no-deps spark-tensorflow-distributor==1.0.0
     python -m benchmarks.bench_launch [--repeats 3] [--json out.json]
+
+``--paths``: ringtrain's launch stage (a barrier ``mapInArrow``) against the RDD stage it
+replaced (``rdd.barrier().mapPartitions``) on a warm classic local[2] session, and the
+same stage on a warm Spark Connect session (a local[2] Connect server in its own process,
+started with tests/helpers/connect_server.py). Two measurements, alternating in one
+process: the bare barrier stage (a task that returns at once), and ringtrain.run of a
+trivial function (backend auto, so mpi on CPU). Needs the connect extra:
+
+    python -m benchmarks.bench_launch --paths [--repeats 10] [--json out.json]
 """
 
 from __future__ import annotations
@@ -64,7 +73,13 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument(
+        "--paths", action="store_true", help="compare launch stages (DataFrame, RDD, Connect) instead"
+    )
     args = parser.parse_args()
+    if args.paths:
+        compare_paths(args.repeats, args.json)
+        return
 
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # spark-tensorflow-distributor needs it for fit
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -108,3 +123,123 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ------------------------------------------------------------------ --paths: launch stages
+
+
+def _returns_at_once(task):
+    return None
+
+
+def _rdd_task(task_fn, rows):
+    """The RDD stage's task: what ringtrain ran in each barrier task before the DataFrame stage."""
+    from pyspark import BarrierTaskContext
+
+    from ringtrain.launcher.stage import StageTask
+
+    ctx = BarrierTaskContext.get()
+    resources = ctx.resources()
+    gpus = tuple(resources["gpu"].addresses) if "gpu" in resources else ()
+    task_fn(StageTask(ctx.partitionId(), gpus, ctx.allGather, iter(())))
+    return [ctx.partitionId()]
+
+
+def _rdd_stage_class():
+    """BarrierStage with the previous RDD job in place of mapInArrow (classic sessions only)."""
+    from functools import partial
+
+    from ringtrain.launcher.stage import BarrierStage
+
+    class RddBarrierStage(BarrierStage):
+        def _run(self) -> None:
+            try:
+                with self._tagged():
+                    sc = self._session.sparkContext
+                    rdd = sc.parallelize(range(self.num_tasks), self.num_tasks)
+                    rdd.barrier().mapPartitions(partial(_rdd_task, self._task_fn)).collect()
+            except BaseException as err:
+                self.error = err
+
+    return RddBarrierStage
+
+
+def compare_paths(repeats: int, json_path: str | None) -> None:
+    from unittest import mock
+
+    import ringtrain
+    from ringtrain.launcher import driver
+    from ringtrain.launcher.spark import loopback_session
+    from ringtrain.launcher.stage import BarrierStage
+
+    sys.path.insert(
+        0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "helpers")
+    )
+    from connect_server import LocalConnectServer
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("RINGTRAIN_TF_THREADS", "1")
+    classic = loopback_session("local[2]", "bench-launch-paths")
+    rdd_stage = _rdd_stage_class()
+    with LocalConnectServer("local[2]") as server:
+        from pyspark.sql.connect.session import SparkSession as RemoteSession
+
+        connect = RemoteSession.builder.remote(server.url).getOrCreate()
+
+        def on(session, stage_class):
+            """Run with ``session`` as the active one and ``stage_class`` as the launch stage."""
+
+            def bare():
+                stage = stage_class(session, 2, _returns_at_once)
+                stage.start()
+                stage.join()
+                if stage.error is not None:
+                    raise stage.error
+
+            def run():
+                # pyspark picks the Connect session while its Connect mode is on.
+                if session is connect:
+                    os.environ["SPARK_CONNECT_MODE_ENABLED"] = "1"
+                try:
+                    with mock.patch.object(driver, "BarrierStage", stage_class):
+                        assert ringtrain.run(trivial, num_proc=2) == 1
+                finally:
+                    os.environ.pop("SPARK_CONNECT_MODE_ENABLED", None)
+
+            return {"bare stage": bare, "ringtrain.run trivial fn": run}
+
+        paths = {
+            "classic RDD (previous)": on(classic, rdd_stage),
+            "classic DataFrame": on(classic, BarrierStage),
+            "Connect DataFrame": on(connect, BarrierStage),
+        }
+        measures = list(next(iter(paths.values())))
+        times = {m: {p: [] for p in paths} for m in measures}
+        for measure in measures:
+            for jobs in paths.values():
+                jobs[measure]()  # one untimed warm-up each
+            for _ in range(repeats):
+                for path, jobs in paths.items():
+                    start = time.perf_counter()
+                    jobs[measure]()
+                    times[measure][path].append(time.perf_counter() - start)
+        connect.stop()
+    classic.stop()
+
+    baseline = "classic RDD (previous)"
+    print(f"{repeats} repeats each, alternating; seconds (median, min-max) and median ratio to {baseline}")
+    report = []
+    for measure, by_path in times.items():
+        base = statistics.median(by_path[baseline])
+        for path, values in by_path.items():
+            median = statistics.median(values)
+            print(
+                f"{measure:26} {path:24} {median:6.3f} ({min(values):.3f}-{max(values):.3f})"
+                f"  x{median / base:.2f}"
+            )
+            report.append(
+                {"measure": measure, "path": path, "seconds": values, "median_ratio": median / base}
+            )
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"benchmark": "launch-paths", "repeats": repeats, "results": report}, f, indent=2)

@@ -79,13 +79,21 @@ def connect_session(remote: str, conf: Mapping[str, str] | None = None):
 
 
 def active_session():
-    """The session ``ringtrain.run`` should use: pyspark's active (or default) session, of
-    either kind, or None. pyspark itself picks Connect once this process uses Spark Connect."""
+    """The session ``ringtrain.run`` should use, or None: pyspark's active (or default)
+    session, which is a Connect one once this process is in Connect mode; failing that, a
+    Connect session made without pyspark's generic builder."""
     from pyspark.sql import SparkSession
 
     try:
         return SparkSession.active()
-    except Exception:  # PySparkRuntimeError: no active or default session
+    except Exception:  # PySparkRuntimeError: no active or default session of that kind
+        pass
+    connect = sys.modules.get("pyspark.sql.connect.session")
+    if connect is None:
+        return None
+    try:
+        return connect.SparkSession.active()
+    except Exception:
         return None
 
 

@@ -19,11 +19,12 @@ import threading
 import time
 from pathlib import Path
 
+from gpu_cluster_job import fake_gpu_cluster
+
 import ringtrain
 from ringtrain.api import serialize_task
 from ringtrain.config import JobConfig
 from ringtrain.launcher import driver
-from ringtrain.launcher.spark import loopback_session
 from ringtrain.worker import FunctionTask
 
 HELD_SECONDS = 120
@@ -85,17 +86,7 @@ def held_job(spark, directory):
 
 
 def main(directory: str) -> None:
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_gpus.sh")
-    spark = loopback_session(
-        "local-cluster[2,2,1024]",
-        "ringtrain-stage-gpu-test",
-        {
-            "spark.worker.resource.gpu.amount": "2",
-            "spark.worker.resource.gpu.discoveryScript": script,
-            "spark.executor.resource.gpu.amount": "2",
-            "spark.executor.resource.gpu.discoveryScript": script,
-        },
-    )
+    spark = fake_gpu_cluster("ringtrain-stage-gpu-test")  # no task GPU amount
     report = {}
     try:
         report["four"] = ringtrain.run(view, num_proc=4, return_all=True)

@@ -7,7 +7,6 @@ pyspark into Connect mode for its duration, as a Connect-only process would be.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -18,9 +17,10 @@ from pathlib import Path
 import pytest
 from connect_server import LocalConnectServer
 from procs import wait_for_no_workers
+from stage_tasks import SleepAndRecordPid, big_records, expected_big_records, wait_until_dead
 
 import ringtrain
-from ringtrain.launcher.stage import CHUNK_BYTES, BarrierStage, StageTask
+from ringtrain.launcher.stage import CHUNK_BYTES, BarrierStage
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftover_workers")]
 
@@ -110,27 +110,15 @@ def test_too_many_workers_fail_fast_naming_slots(connect):
     assert time.monotonic() - started < 30
 
 
-def _big_records(task: StageTask):
-    import random
-
-    payload = random.Random(task.partition).randbytes(9 * CHUNK_BYTES + 123)
-    return [payload, b"", f"small {task.partition}".encode()]
-
-
 def test_results_larger_than_an_arrow_batch_arrive_intact(connect):
-    # Connect's Arrow batches hold about 70 % of 4 MiB by default; each record here is 9 MiB.
-    stage = BarrierStage(connect, 2, _big_records)
+    # Connect's Arrow batches hold about 70 % of 4 MiB by default; the big record is 9 MiB.
+    stage = BarrierStage(connect, 2, big_records)
     rows = stage.dataframe().toArrow()
     assert max(len(d) for d in rows.column("data").to_pylist()) <= CHUNK_BYTES
     stage.start()
     stage.join(120)
     assert stage.done() and stage.error is None, stage.error
-    for partition in (0, 1):
-        expected = _big_records(StageTask(partition, (), None, iter(())))
-        got = stage.records[partition]
-        assert [hashlib.sha256(r).hexdigest() for r in got] == [
-            hashlib.sha256(r).hexdigest() for r in expected
-        ]
+    assert stage.records == {p: expected_big_records(p) for p in (0, 1)}
 
 
 def test_a_large_return_value_reaches_the_caller(connect):
@@ -138,38 +126,16 @@ def test_a_large_return_value_reaches_the_caller(connect):
     assert len(value) == 6 << 20 and len(set(value)) == 1
 
 
-def _sleep_and_record_pid(directory: str):
-    def task(t: StageTask):
-        Path(directory, f"pid-{t.partition}").write_text(str(os.getpid()))
-        time.sleep(600)
-
-    return task
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_cancel_kills_the_running_tasks(connect, tmp_path):
-    stage = BarrierStage(connect, 2, _sleep_and_record_pid(str(tmp_path)))
+    task = SleepAndRecordPid(str(tmp_path))
+    stage = BarrierStage(connect, 2, task)
     stage.start()
     assert stage.wait_started(120)
-    pidfiles = [tmp_path / "pid-0", tmp_path / "pid-1"]
-    deadline = time.monotonic() + 60
-    while not all(p.exists() and p.read_text() for p in pidfiles) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    pids = [int(p.read_text()) for p in pidfiles]
+    pids = task.wait_for_pids(2)
     stage.cancel()
     stage.join(30)
     assert stage.done() and stage.error is not None
-    deadline = time.monotonic() + 30
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not [pid for pid in pids if _alive(pid)], "a cancelled task's Python process is still running"
+    assert not wait_until_dead(pids), "a cancelled task's Python process is still running"
 
 
 def test_a_stage_without_enough_slots_never_starts(connect):
@@ -184,18 +150,19 @@ def test_a_stage_without_enough_slots_never_starts(connect):
     assert stage.done()
 
 
+def _launch(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """``ringtrain launch ARGS`` in a fresh process: a Connect client and nothing else."""
+    skip = ("RINGTRAIN_NP", "RINGTRAIN_MASTER", "SPARK_CONNECT_MODE_ENABLED")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(skip)} | env
+    argv = [sys.executable, "-m", "ringtrain", "launch", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=240, env=environ, check=False)
+
+
 def test_launch_remote_runs_a_script(connect_server):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RINGTRAIN_NP", "RINGTRAIN_MASTER"))}
-    env.pop("SPARK_CONNECT_MODE_ENABLED", None)
-    argv = [sys.executable, "-m", "ringtrain", "launch", "-np", "2", "--remote", connect_server.url]
-    done = subprocess.run(
-        [*argv, "--env", "GREETING=hi", str(HELPERS / "cli_hello.py"), "--epochs", "3"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-        check=False,
-    )
+    done = _launch(
+        "-np", "2", "--remote", connect_server.url, "--env", "GREETING=hi",
+        str(HELPERS / "cli_hello.py"), "--epochs", "3",
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     for rank in (0, 1):
@@ -204,18 +171,8 @@ def test_launch_remote_runs_a_script(connect_server):
     assert "[1] to stderr from 1" in done.stderr.splitlines()
 
 
-def test_launch_remote_failure_exit_code(connect_server):
-    env = dict(os.environ, SPARK_REMOTE=connect_server.url)
-    env.pop("SPARK_CONNECT_MODE_ENABLED", None)
-    env.pop("RINGTRAIN_MASTER", None)
-    done = subprocess.run(
-        [sys.executable, "-m", "ringtrain", "launch", "-np", "2", str(HELPERS / "cli_exit.py"), "3"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-        check=False,
-    )
+def test_launch_through_spark_remote_reports_the_failing_rank(connect_server):
+    done = _launch("-np", "2", str(HELPERS / "cli_exit.py"), "3", SPARK_REMOTE=connect_server.url)
     assert done.returncode == 3, done.stderr[-3000:]
     assert "exited with code 3" in done.stderr.splitlines()[-1]
 
