@@ -121,10 +121,6 @@ def main() -> None:
     spark.stop()
 
 
-if __name__ == "__main__":
-    main()
-
-
 # ------------------------------------------------------------------ --paths: launch stages
 
 
@@ -243,3 +239,7 @@ def compare_paths(repeats: int, json_path: str | None) -> None:
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"benchmark": "launch-paths", "repeats": repeats, "results": report}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -149,6 +149,9 @@ class _Supervisor:
             self.server.broadcast(("release",))
             self._wait(lambda: len(self.done_tasks) == self.layout.num_tasks, timeout=self.config.abort_wait)
             self._drain()
+            # Let the stage end by itself: cancelling a finishing stage kills its Python
+            # workers, and the session's next job then waits for fresh ones.
+            self.barrier.join(self.config.abort_wait)
             return self.results
         except BaseException:
             self._stop("the driver is stopping the job")  # a no-op if already stopped
