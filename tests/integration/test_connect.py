@@ -8,6 +8,8 @@ pyspark into Connect mode for its duration, as a Connect-only process would be.
 from __future__ import annotations
 
 import os
+import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from connect_server import LocalConnectServer
-from procs import wait_for_no_workers
+from procs import wait_for_no_workers, worker_pids
 from stage_tasks import SleepAndRecordPid, big_records, expected_big_records, wait_until_dead
 
 import ringtrain
@@ -175,6 +177,48 @@ def test_launch_through_spark_remote_reports_the_failing_rank(connect_server):
     done = _launch("-np", "2", str(HELPERS / "cli_exit.py"), "3", SPARK_REMOTE=connect_server.url)
     assert done.returncode == 3, done.stderr[-3000:]
     assert "exited with code 3" in done.stderr.splitlines()[-1]
+
+
+def test_launch_remote_timeout_stops_every_worker(connect_server):
+    started = time.monotonic()
+    script = str(HELPERS / "cli_sleep.py")
+    done = _launch("-np", "2", "--remote", connect_server.url, "--timeout", "5", script)
+    assert done.returncode == 124, done.stderr[-3000:]
+    assert time.monotonic() - started < 120
+
+
+def test_ctrl_c_under_connect_stops_the_job_and_every_worker(connect_server):
+    before = set(worker_pids())
+    skip = ("RINGTRAIN_NP", "RINGTRAIN_MASTER", "SPARK_CONNECT_MODE_ENABLED")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ringtrain", "launch", "-np", "2", "--remote", connect_server.url,
+         str(HELPERS / "cli_sleep.py")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith(skip)},
+    )  # fmt: skip
+    try:
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x.strip()) for x in proc.stdout], daemon=True).start()
+        seen: set[str] = set()
+        deadline = time.monotonic() + 120
+        while not {"[0] ready 0", "[1] ready 1"} <= seen and time.monotonic() < deadline:
+            try:
+                seen.add(lines.get(timeout=0.5))
+            except queue.Empty:
+                assert proc.poll() is None, f"the CLI exited early ({proc.returncode})"
+        assert len(set(worker_pids()) - before) >= 2, seen
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        assert proc.returncode == 130
+        assert time.monotonic() - sent < 15
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not wait_for_no_workers(exclude=before, timeout=10.0)
 
 
 def test_concurrent_runs_share_the_session(connect):
