@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     check.add_argument("--master", metavar="URL", help="run the smoke tests on this Spark master")
+    check.add_argument(
+        "--remote", metavar="URL", help="run the smoke tests through this Spark Connect server (sc://...)"
+    )
     check.add_argument("--no-smoke", dest="smoke", action="store_false", help="skip the smoke tests")
     return parser
 
@@ -514,6 +517,15 @@ def collect_findings() -> list[Finding]:
     found.append(Finding("tensorflow", tf or "not installed", True, bool(tf), "pip install tensorflow"))
     found.append(_keras_in_workers(_dist_version("tf-keras", "tf_keras")))
     found.append(Finding("keras", _dist_version("keras") or "not installed"))
+    grpc = _dist_version("grpcio")
+    found.append(
+        Finding(
+            "spark connect",
+            f"client ready (grpcio {grpc})"
+            if grpc and importlib.util.find_spec("grpc_status")
+            else "client not installed (optional: pip install ringtrain[connect])",
+        )
+    )
     mpi4py = _dist_version("mpi4py")
     found.append(
         Finding(
@@ -538,7 +550,7 @@ def _print_row(name: str, status: str, value: str) -> None:
     print(f"  {name:<14} {status:<5} {value}", flush=True)
 
 
-def run_smoke_tests(master: str | None) -> bool:
+def run_smoke_tests(master: str | None, remote: str | None = None) -> bool:
     """Run each available backend's smoke test on 2 workers; print and return whether all passed."""
     import pickle
 
@@ -546,12 +558,14 @@ def run_smoke_tests(master: str | None) -> bool:
     from .launcher import driver, spark
     from .worker import FunctionTask
 
-    print(f"smoke tests (2 workers, {master or 'embedded local Spark'}):", flush=True)
+    print(f"smoke tests (2 workers, {remote or master or 'embedded local Spark'}):", flush=True)
     started = time.monotonic()
     try:
         if master:
             spark.check_master_reachable(master)
-        spark.get_session(JobConfig.from_env(num_proc=2, master=master))
+        if remote:
+            spark.check_remote_reachable(remote)
+        spark.get_session(JobConfig.from_env(num_proc=2, master=master, remote=remote))
     except Exception as err:
         _print_row("spark", "FAIL", f"{time.monotonic() - started:.1f} s: {err}")
         return False
@@ -598,7 +612,7 @@ def _run_check(ns: argparse.Namespace) -> int:
             f"ringtrain: missing {', '.join(f.name for f in missing)}; install it and retry", file=sys.stderr
         )
         return EXIT_ERROR
-    if ns.smoke and not run_smoke_tests(ns.master):
+    if ns.smoke and not run_smoke_tests(ns.master, ns.remote):
         return EXIT_ERROR
     return 0
 
