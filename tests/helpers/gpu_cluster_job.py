@@ -22,9 +22,9 @@ def view():
     }
 
 
-def fake_gpu_cluster(app_name: str, task_gpus: str | None = None):
-    """A local-cluster[2,2,1024] session whose executors have 2 fake GPUs each; tasks get
-    ``task_gpus`` each through the session-wide setting, or none when it is None."""
+def fake_gpu_conf(task_gpus: str | None = None) -> dict[str, str]:
+    """Settings giving each executor of a local-cluster 2 fake GPUs; tasks get ``task_gpus``
+    each through the session-wide setting, or none when it is None."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_gpus.sh")
     conf = {
         "spark.worker.resource.gpu.amount": "2",
@@ -34,7 +34,12 @@ def fake_gpu_cluster(app_name: str, task_gpus: str | None = None):
     }
     if task_gpus is not None:
         conf["spark.task.resource.gpu.amount"] = task_gpus
-    return loopback_session("local-cluster[2,2,1024]", app_name, conf)
+    return conf
+
+
+def fake_gpu_cluster(app_name: str, task_gpus: str | None = None):
+    """A local-cluster[2,2,1024] session with :func:`fake_gpu_conf`."""
+    return loopback_session("local-cluster[2,2,1024]", app_name, fake_gpu_conf(task_gpus))
 
 
 def main(num_proc: int) -> None:

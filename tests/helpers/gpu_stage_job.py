@@ -8,7 +8,9 @@ asks for its GPUs through its own resource profile. Prints one JSON line:
 - ``held``: a 2-worker job with 2 GPUs per worker, which holds every GPU of the cluster
   until released, while a plain Spark job of the same session runs on the free cores.
 
-Run in its own process: a local-cluster needs its own SparkContext.
+Run in its own process: a local-cluster needs its own SparkContext. With ``--connect``,
+the same cluster runs behind a Spark Connect server, and ``four`` and ``too_many`` come
+through a Connect session.
 """
 
 import json
@@ -19,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from gpu_cluster_job import fake_gpu_cluster
+from gpu_cluster_job import fake_gpu_cluster, fake_gpu_conf
 
 import ringtrain
 from ringtrain.api import serialize_task
@@ -90,15 +92,39 @@ def main(directory: str) -> None:
     report = {}
     try:
         report["four"] = ringtrain.run(view, num_proc=4, return_all=True)
-        try:
-            ringtrain.run(view, num_proc=6)
-        except ringtrain.RingtrainError as err:
-            report["too_many"] = f"{type(err).__name__}: {err}"
+        report["too_many"] = too_many()
         report["held"] = held_job(spark, directory)
     finally:
         print("REPORT " + json.dumps(report), flush=True)
         spark.stop()
 
 
+def too_many() -> str:
+    try:
+        ringtrain.run(view, num_proc=6)
+    except ringtrain.RingtrainError as err:
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
+def main_connect() -> None:
+    """The same cluster behind a Spark Connect server; this process is only its client."""
+    from connect_server import LocalConnectServer
+    from pyspark.sql import SparkSession
+
+    with LocalConnectServer("local-cluster[2,2,1024]", fake_gpu_conf()) as server:
+        spark = SparkSession.builder.remote(server.url).getOrCreate()
+        report = {}
+        try:
+            report["four"] = ringtrain.run(view, num_proc=4, return_all=True)
+            report["too_many"] = too_many()
+        finally:
+            print("REPORT " + json.dumps(report), flush=True)
+            spark.stop()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1:2] == ["--connect"]:
+        main_connect()
+    else:
+        main(sys.argv[1])

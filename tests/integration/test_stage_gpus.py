@@ -11,22 +11,22 @@ import sys
 import pytest
 from procs import wait_for_no_workers
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# Each helper run starts a local-cluster (and, with --connect, a Connect server in front of
+# it); on the shared 2-core machine that took up to 166 s.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 HELPERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "helpers")
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("stage-gpus")
+def _report(directory, *args: str) -> dict:
     env = dict(os.environ, RINGTRAIN_FAKE_GPU_COUNTER=str(directory / "gpu-counter"))
     env.pop("SPARK_CONNECT_MODE_ENABLED", None)
     proc = subprocess.run(
-        [sys.executable, os.path.join(HELPERS, "gpu_stage_job.py"), str(directory)],
+        [sys.executable, os.path.join(HELPERS, "gpu_stage_job.py"), *args],
         env=env,
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=540,
     )
     line = next((x for x in proc.stdout.splitlines() if x.startswith("REPORT ")), None)
     assert line is not None, proc.stderr[-3000:]
@@ -34,11 +34,20 @@ def report(tmp_path_factory):
     return json.loads(line.removeprefix("REPORT "))
 
 
-def test_each_of_four_workers_gets_its_own_gpu_without_a_session_gpu_amount(report):
-    views = report["four"]
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("stage-gpus")
+    return _report(directory, str(directory))
+
+
+def _assert_four_distinct_gpus(views):
     assert [v["rank"] for v in views] == [0, 1, 2, 3]
     assert sorted(v["cuda"] for v in views) == ["0", "1", "2", "3"]
     assert all(v["communication"] == "NCCL" for v in views)
+
+
+def test_each_of_four_workers_gets_its_own_gpu_without_a_session_gpu_amount(report):
+    _assert_four_distinct_gpus(report["four"])
 
 
 def test_too_many_workers_name_the_gpus(report):
@@ -55,3 +64,9 @@ def test_a_plain_job_runs_while_training_holds_every_gpu(report):
     # The plain job needs no GPU, so it ran on the free cores before training let go.
     assert held["plain_sum"] == sum(range(100))
     assert held["training_still_holding"]
+
+
+def test_a_connect_session_gets_stage_level_gpus_too(tmp_path):
+    report = _report(tmp_path, "--connect")
+    _assert_four_distinct_gpus(report["four"])
+    assert report["too_many"].startswith("ResourceError: num_proc=6 asks for 6 GPUs")
