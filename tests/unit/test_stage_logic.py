@@ -198,3 +198,11 @@ def test_remote_reachability():
     for bad in ("http://h:1", "sc://", "spark://h:7077", "sc://h:notaport"):
         with pytest.raises(ConfigError, match="not a Spark Connect URL"):
             spark.check_remote_reachable(bad)
+
+
+def test_output_rows_match_the_stage_schema():
+    from ringtrain.launcher.stage import _output_schema
+
+    schema = _output_schema()
+    assert schema.simpleString() == "struct<partition:int,record:int,chunk:int,last:boolean,data:binary>"
+    assert [list(row) for row in chunk_rows(0, [b"x"])] == [schema.names] * 2
