@@ -138,9 +138,16 @@ def driver_host(session) -> str:
     if not is_connect(session):
         return fallback
     own = local_address_towards(session.client.host)
-    if own is None or ipaddress.ip_address(own).is_loopback:
+    if own is None or _is_loopback(own):
         return fallback
     return own
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def local_address_towards(host: str, port: int = CONNECT_DEFAULT_PORT) -> str | None:

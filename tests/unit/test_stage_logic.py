@@ -206,3 +206,16 @@ def test_output_rows_match_the_stage_schema():
     schema = _output_schema()
     assert schema.simpleString() == "struct<partition:int,record:int,chunk:int,last:boolean,data:binary>"
     assert [list(row) for row in chunk_rows(0, [b"x"])] == [schema.names] * 2
+
+
+def test_agents_dial_the_driver_host_or_the_connect_clients_own_address():
+    classic = _FakeSession(**{"spark.driver.host": "10.1.2.3"})
+    assert spark.driver_host(classic) == "10.1.2.3"
+    remote_cls = type("SparkSession", (_FakeSession,), {"__module__": "pyspark.sql.connect.session"})
+    local_server = remote_cls(**{"spark.driver.host": "10.1.2.3"})
+    local_server.client = type("Client", (), {"host": "localhost"})()
+    assert spark.driver_host(local_server) == "10.1.2.3"  # the client is on the driver's host
+    far_server = remote_cls(**{"spark.driver.host": "10.1.2.3"})
+    far_server.client = type("Client", (), {"host": "192.0.2.99"})()
+    own = spark.local_address_towards("192.0.2.99")
+    assert spark.driver_host(far_server) == (own or "10.1.2.3")
