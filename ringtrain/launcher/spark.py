@@ -12,6 +12,7 @@ import re
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,9 +49,7 @@ def loopback_session(master: str, app_name: str = "ringtrain", conf: Mapping[str
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.master(master).appName(app_name)
-    quiet_logs = f"-Dlog4j2.configurationFile={Path(__file__).with_name('log4j2.properties').as_uri()}"
-    defaults = {**LOOPBACK_CONF, "spark.driver.extraJavaOptions": quiet_logs}
-    for key, value in {**defaults, **(conf or {})}.items():
+    for key, value in {**_loopback_defaults(), **(conf or {})}.items():
         builder = builder.config(key, value)
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("ERROR")
@@ -69,13 +68,27 @@ def connect_session(remote: str, conf: Mapping[str, str] | None = None):
             f"Spark Connect needs its client libraries ({err}); install them with "
             "pip install 'ringtrain[connect]'"
         ) from None
-    # A local Connect server runs its Python workers with this interpreter.
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    settings = dict(conf or {})
+    if remote.startswith("local"):
+        # pyspark starts this server as a classic Spark in this process, from these settings:
+        # make it as quiet as an embedded session, and run its workers with this Python.
+        settings = {**_loopback_defaults(), **settings}
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    else:
+        settings = {k: v for k, v in settings.items() if k not in _CLASSIC_ONLY_CONF}
     builder = SparkSession.builder.remote(remote)
-    for key, value in (conf or {}).items():
-        if key not in _CLASSIC_ONLY_CONF:
-            builder = builder.config(key, value)
-    return builder.getOrCreate()
+    for key, value in settings.items():
+        builder = builder.config(key, value)
+    with warnings.catch_warnings():
+        # The client then tries the server's start-up settings on its own session, and
+        # warns that they cannot change; they already applied when the server started.
+        warnings.filterwarnings("ignore", "Failed to set spark", UserWarning)
+        return builder.getOrCreate()
+
+
+def _loopback_defaults() -> dict[str, str]:
+    quiet_logs = f"-Dlog4j2.configurationFile={Path(__file__).with_name('log4j2.properties').as_uri()}"
+    return {**LOOPBACK_CONF, "spark.driver.extraJavaOptions": quiet_logs}
 
 
 def active_session():

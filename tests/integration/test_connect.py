@@ -173,6 +173,16 @@ def test_launch_remote_runs_a_script(connect_server):
     assert "[1] to stderr from 1" in done.stderr.splitlines()
 
 
+@pytest.mark.slow  # starts a second Connect server, inside the CLI's process
+def test_launch_remote_local_starts_a_quiet_server_of_its_own():
+    done = _launch("-np", "2", "--remote", "local[2]", str(HELPERS / "cli_hello.py"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines().count("[0] GREETING=None") == 1
+    assert "[1] hello rank=1 size=2 workers=2 argv=[]" in done.stdout.splitlines()
+    assert "[Stage" not in done.stdout + done.stderr  # no progress bar over the workers' lines
+    assert "Failed to set spark" not in done.stderr
+
+
 def test_launch_through_spark_remote_reports_the_failing_rank(connect_server):
     done = _launch("-np", "2", str(HELPERS / "cli_exit.py"), "3", SPARK_REMOTE=connect_server.url)
     assert done.returncode == 3, done.stderr[-3000:]
