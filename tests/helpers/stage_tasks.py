@@ -7,7 +7,7 @@ import random
 import time
 from pathlib import Path
 
-from ringtrain.launcher.stage import CHUNK_BYTES, StageTask
+from ringtrain.launcher.stage import CHUNK_BYTES, BarrierStage, StageTask
 
 
 def big_records(task: StageTask) -> list[bytes]:
@@ -53,3 +53,29 @@ def wait_until_dead(pids: list[int], timeout: float = 30.0) -> list[int]:
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     return [p for p in pids if alive(p)]
+
+
+def check_cancel_kills_the_running_tasks(session, directory: str) -> None:
+    """Start a 2-task stage whose tasks sleep, cancel it, and see their Python processes go."""
+    task = SleepAndRecordPid(directory)
+    stage = BarrierStage(session, 2, task)
+    stage.start()
+    assert stage.wait_started(120)
+    pids = task.wait_for_pids(2)
+    stage.cancel()
+    stage.join(30)
+    assert stage.done() and stage.error is not None
+    assert not wait_until_dead(pids), "a cancelled task's Python process is still running"
+
+
+def check_a_stage_without_enough_slots_never_starts(session, wait: float) -> None:
+    """On local[2], a 3-task barrier stage never starts; cancelling it ends it."""
+    stage = BarrierStage(session, 3, lambda task: None)
+    stage.start()
+    try:
+        assert not stage.wait_started(wait)
+        assert not stage.done()
+    finally:
+        stage.cancel()
+        stage.join(30)
+    assert stage.done()

@@ -19,7 +19,12 @@ from pathlib import Path
 import pytest
 from connect_server import LocalConnectServer
 from procs import wait_for_no_workers, worker_pids
-from stage_tasks import SleepAndRecordPid, big_records, expected_big_records, wait_until_dead
+from stage_tasks import (
+    big_records,
+    check_a_stage_without_enough_slots_never_starts,
+    check_cancel_kills_the_running_tasks,
+    expected_big_records,
+)
 
 import ringtrain
 from ringtrain.launcher.stage import CHUNK_BYTES, BarrierStage
@@ -129,27 +134,11 @@ def test_a_large_return_value_reaches_the_caller(connect):
 
 
 def test_cancel_kills_the_running_tasks(connect, tmp_path):
-    task = SleepAndRecordPid(str(tmp_path))
-    stage = BarrierStage(connect, 2, task)
-    stage.start()
-    assert stage.wait_started(120)
-    pids = task.wait_for_pids(2)
-    stage.cancel()
-    stage.join(30)
-    assert stage.done() and stage.error is not None
-    assert not wait_until_dead(pids), "a cancelled task's Python process is still running"
+    check_cancel_kills_the_running_tasks(connect, str(tmp_path))
 
 
 def test_a_stage_without_enough_slots_never_starts(connect):
-    stage = BarrierStage(connect, 3, lambda task: None)  # local[2] has two slots
-    stage.start()
-    try:
-        assert not stage.wait_started(8)
-        assert not stage.done()
-    finally:
-        stage.cancel()
-        stage.join(30)
-    assert stage.done()
+    check_a_stage_without_enough_slots_never_starts(connect, wait=8)
 
 
 def _launch(*args: str, **env: str) -> subprocess.CompletedProcess:

@@ -4,7 +4,13 @@ the start guard. (tests/integration/test_connect.py runs the same on Spark Conne
 from __future__ import annotations
 
 import pytest
-from stage_tasks import SleepAndRecordPid, big_records, expected_big_records, wait_until_dead
+from stage_tasks import (
+    SleepAndRecordPid,
+    big_records,
+    check_a_stage_without_enough_slots_never_starts,
+    check_cancel_kills_the_running_tasks,
+    expected_big_records,
+)
 
 from ringtrain.launcher.stage import BarrierStage, StageTask
 
@@ -46,27 +52,11 @@ def test_a_raising_task_fails_the_stage(spark):
 
 
 def test_cancel_kills_the_running_tasks(spark, tmp_path):
-    task = SleepAndRecordPid(str(tmp_path))
-    stage = BarrierStage(spark, 2, task)
-    stage.start()
-    assert stage.wait_started(120)
-    pids = task.wait_for_pids(2)
-    stage.cancel()
-    stage.join(30)
-    assert stage.done() and stage.error is not None
-    assert not wait_until_dead(pids), "a cancelled task's Python process is still running"
+    check_cancel_kills_the_running_tasks(spark, str(tmp_path))
 
 
 def test_a_stage_without_enough_slots_never_starts(spark):
-    stage = BarrierStage(spark, 3, lambda task: None)  # local[2] has two slots
-    stage.start()
-    try:
-        assert not stage.wait_started(5)
-        assert not stage.done()
-    finally:
-        stage.cancel()
-        stage.join(30)
-    assert stage.done()
+    check_a_stage_without_enough_slots_never_starts(spark, wait=5)
 
 
 def test_a_stage_cancelled_before_it_starts_runs_nothing(spark, tmp_path):
