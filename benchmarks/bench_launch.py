@@ -1,12 +1,22 @@
-"""Launch overhead: ringtrain.run against spark-tensorflow-distributor, side by side.
+"""Launch overhead, side by side on warm sessions.
 
-Both run on one warm local[2] session, alternating, so machine noise hits both alike:
-a trivial function, and a 50-step tiny Keras fit (tf-keras, since Keras 3's fit fails
-under MultiWorkerMirroredStrategy). spark-tensorflow-distributor is installed only for
-this benchmark:
+Default: ringtrain.run against spark-tensorflow-distributor on one warm local[2] session,
+alternating, so machine noise hits both alike: a trivial function, and a 50-step tiny Keras
+fit (tf-keras, since Keras 3's fit fails under MultiWorkerMirroredStrategy).
+spark-tensorflow-distributor is installed only for this benchmark:
 
     pip install --no-deps spark-tensorflow-distributor==1.0.0
     python -m benchmarks.bench_launch [--repeats 3] [--json out.json]
+
+``--paths``: two comparisons, each alternating its pair in one process. First, on a warm
+classic local[2] session, ringtrain's launch stage (a barrier ``mapInArrow``) against the
+RDD stage it replaced (``rdd.barrier().mapPartitions``), with no Connect server running.
+Then the same stage on a warm Spark Connect session (a local[2] Connect server in its own
+process, tests/helpers/connect_server.py) against the classic one. Each times the bare
+barrier stage (a task that returns at once) and ringtrain.run of a trivial function
+(backend auto, so mpi on CPU). Needs the connect extra:
+
+    python -m benchmarks.bench_launch --paths [--repeats 10] [--json out.json]
 """
 
 from __future__ import annotations
@@ -64,7 +74,13 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument(
+        "--paths", action="store_true", help="compare launch stages (DataFrame, RDD, Connect) instead"
+    )
     args = parser.parse_args()
+    if args.paths:
+        compare_paths(args.repeats, args.json)
+        return
 
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # spark-tensorflow-distributor needs it for fit
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -104,6 +120,148 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"benchmark": "launch", "repeats": args.repeats, "results": report}, f, indent=2)
     spark.stop()
+
+
+# ------------------------------------------------------------------ --paths: launch stages
+
+
+def _returns_at_once(task):
+    return None
+
+
+def _rdd_task(task_fn, rows):
+    """The RDD stage's task: what ringtrain ran in each barrier task before the DataFrame stage."""
+    from pyspark import BarrierTaskContext
+
+    from ringtrain.launcher.stage import StageTask
+
+    ctx = BarrierTaskContext.get()
+    resources = ctx.resources()
+    gpus = tuple(resources["gpu"].addresses) if "gpu" in resources else ()
+    task_fn(StageTask(ctx.partitionId(), gpus, ctx.allGather, iter(())))
+    return [ctx.partitionId()]
+
+
+def _rdd_stage_class():
+    """BarrierStage with the previous RDD job in place of mapInArrow (classic sessions only)."""
+    from functools import partial
+
+    from ringtrain.launcher.stage import BarrierStage
+
+    class RddBarrierStage(BarrierStage):
+        def _run(self) -> None:
+            try:
+                with self._tagged():
+                    sc = self._session.sparkContext
+                    rdd = sc.parallelize(range(self.num_tasks), self.num_tasks)
+                    rdd.barrier().mapPartitions(partial(_rdd_task, self._task_fn)).collect()
+            except BaseException as err:
+                self.error = err
+
+    return RddBarrierStage
+
+
+class _Path:
+    """One way to launch: a session and the stage class ringtrain runs on it."""
+
+    def __init__(self, session, stage_class, connect: bool = False):
+        self.session = session
+        self.stage_class = stage_class
+        self.connect = connect
+
+    def bare_stage(self) -> None:
+        stage = self.stage_class(self.session, 2, _returns_at_once)
+        stage.start()
+        stage.join()
+        if stage.error is not None:
+            raise stage.error
+
+    def run_trivial(self) -> None:
+        from unittest import mock
+
+        import ringtrain
+        from ringtrain.launcher import driver
+
+        # This process holds both kinds of session; pyspark's Connect mode picks which one
+        # ringtrain.run finds active.
+        if self.connect:
+            os.environ["SPARK_CONNECT_MODE_ENABLED"] = "1"
+        try:
+            with mock.patch.object(driver, "BarrierStage", self.stage_class):
+                assert ringtrain.run(trivial, num_proc=2) == 1
+        finally:
+            os.environ.pop("SPARK_CONNECT_MODE_ENABLED", None)
+
+
+MEASURES = {"bare stage": _Path.bare_stage, "ringtrain.run trivial fn": _Path.run_trivial}
+
+
+def _alternate(paths: dict[str, _Path], repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Seconds per measure and path: one untimed warm-up each, then ``repeats`` rounds in turn."""
+    times: dict[str, dict[str, list[float]]] = {m: {p: [] for p in paths} for m in MEASURES}
+    for measure, call in MEASURES.items():
+        for path in paths.values():
+            call(path)
+        for _ in range(repeats):
+            for name, path in paths.items():
+                start = time.perf_counter()
+                call(path)
+                times[measure][name].append(time.perf_counter() - start)
+    return times
+
+
+def _print_comparison(title: str, times: dict[str, dict[str, list[float]]], baseline: str) -> list[dict]:
+    print(f"{title}: seconds, median (min-max), and the median's ratio to {baseline}")
+    report = []
+    for measure, by_path in times.items():
+        base = statistics.median(by_path[baseline])
+        for path, values in by_path.items():
+            median = statistics.median(values)
+            print(
+                f"  {measure:26} {path:24} {median:6.3f} ({min(values):.3f}-{max(values):.3f})"
+                f"  x{median / base:.2f}"
+            )
+            report.append(
+                {"comparison": title, "measure": measure, "path": path, "seconds": values,
+                 "median_ratio": median / base}
+            )  # fmt: skip
+    return report
+
+
+def compare_paths(repeats: int, json_path: str | None) -> None:
+    """Classic DataFrame stage against the RDD stage first, with no Connect server running;
+    then Connect against classic, with the server up. Each pair alternates in one run."""
+    from ringtrain.launcher.spark import loopback_session
+    from ringtrain.launcher.stage import BarrierStage
+
+    helpers = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "helpers")
+    sys.path.insert(0, helpers)
+    from connect_server import LocalConnectServer
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("RINGTRAIN_TF_THREADS", "1")
+    classic = loopback_session("local[2]", "bench-launch-paths")
+    classic_df = _Path(classic, BarrierStage)
+    print(f"{repeats} repeats of each, alternating", flush=True)
+    report = _print_comparison(
+        "classic session",
+        _alternate(
+            {"RDD stage (previous)": _Path(classic, _rdd_stage_class()), "DataFrame stage": classic_df},
+            repeats,
+        ),
+        "RDD stage (previous)",
+    )
+    with LocalConnectServer("local[2]") as server:
+        from pyspark.sql.connect.session import SparkSession as RemoteSession
+
+        connect = RemoteSession.builder.remote(server.url).getOrCreate()
+        paths = {"classic DataFrame": classic_df, "Connect DataFrame": _Path(connect, BarrierStage, True)}
+        report += _print_comparison("Connect session", _alternate(paths, repeats), "classic DataFrame")
+        connect.stop()
+    classic.stop()
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"benchmark": "launch-paths", "repeats": repeats, "results": report}, f, indent=2)
 
 
 if __name__ == "__main__":

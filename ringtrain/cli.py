@@ -39,6 +39,7 @@ FLAG_VARS = {
     "num_proc": "RINGTRAIN_NP",
     "backend": "RINGTRAIN_BACKEND",
     "master": "RINGTRAIN_MASTER",
+    "remote": "RINGTRAIN_REMOTE",
     "gpus_per_proc": "RINGTRAIN_GPUS_PER_PROC",
     "conf": "RINGTRAIN_CONF",
     "env": "RINGTRAIN_ENV",
@@ -61,6 +62,8 @@ examples:
       four workers on a standalone cluster (train.py must exist at the same path on every host)
   ringtrain launch --master local-cluster[2,2,1024] --env DATA=/shared/data train.py
       every slot of the cluster, with DATA set in each worker
+  ringtrain launch -np 2 --remote sc://spark-connect.example.com:15002 train.py
+      two workers through a Spark Connect server (SPARK_REMOTE also works)
   RINGTRAIN_NP=2 RINGTRAIN_CONF='spark.driver.memory=4g' ringtrain launch train.py
       flags from the environment; a flag on the command line beats its variable
 
@@ -135,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
         "local[N] (default: an embedded local Spark)",
     )
     launch.add_argument(
+        "--remote",
+        metavar="URL",
+        help="Spark Connect server: sc://HOST[:PORT][/;param=value...], or local[N] for one in this "
+        "process (default: SPARK_REMOTE, else --master)",
+    )
+    launch.add_argument(
         "--gpus-per-proc",
         dest="gpus_per_proc",
         type=int,
@@ -190,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     check.add_argument("--master", metavar="URL", help="run the smoke tests on this Spark master")
+    check.add_argument(
+        "--remote", metavar="URL", help="run the smoke tests through this Spark Connect server (sc://...)"
+    )
     check.add_argument("--no-smoke", dest="smoke", action="store_false", help="skip the smoke tests")
     return parser
 
@@ -247,6 +259,7 @@ def config_from_args(ns: argparse.Namespace) -> JobConfig:
     for dest, field_name, parse in (
         ("backend", "backend", str),
         ("master", "master", str),
+        ("remote", "remote", str),
         ("gpus_per_proc", "gpus_per_worker", int),
         ("timeout", "timeout", float),
         ("max_restarts", "max_restarts", int),
@@ -255,6 +268,8 @@ def config_from_args(ns: argparse.Namespace) -> JobConfig:
         value = pick(dest, parse)
         if value is not None:
             overrides[field_name] = value
+    if "remote" not in overrides and "master" not in overrides and os.environ.get("SPARK_REMOTE"):
+        overrides["remote"] = os.environ["SPARK_REMOTE"]  # pyspark's own variable for Connect
     if ns.threads is not None:  # else JobConfig.from_env reads RINGTRAIN_TF_THREADS
         overrides["threads_per_worker"] = ns.threads
     # Per key, a --conf/--env flag beats the same key in the variable. Spark's console
@@ -326,6 +341,8 @@ def launch(config: JobConfig, script: str, script_args: Sequence[str]) -> int:
     payload = serialize_task(ScriptTask.from_path(script, tuple(script_args)))
     if config.master:
         spark.check_master_reachable(config.master)
+    if config.remote:
+        spark.check_remote_reachable(config.remote)
     stop = StopSignals()
     try:
         with stop:
@@ -348,11 +365,13 @@ def _stop_spark(quiet: bool = False) -> None:
     try:
         from pyspark.sql import SparkSession
 
+        from .launcher.stage import is_connect
+
         session = SparkSession.getActiveSession()
         if session is not None:
-            if quiet:
+            if quiet and not is_connect(session):
                 session.sparkContext.setLogLevel("OFF")
-            session.stop()
+            session.stop()  # on Connect: releases this client's session on the server
     except Exception as err:  # the JVM may already be gone
         logger.debug("stopping Spark failed: %s", err)
 
@@ -522,6 +541,15 @@ def collect_findings() -> list[Finding]:
     found.append(Finding("tensorflow", tf or "not installed", True, bool(tf), "pip install tensorflow"))
     found.append(_keras_in_workers(_dist_version("tf-keras", "tf_keras")))
     found.append(Finding("keras", _dist_version("keras") or "not installed"))
+    grpc = _dist_version("grpcio")
+    found.append(
+        Finding(
+            "spark connect",
+            f"client ready (grpcio {grpc})"
+            if grpc and importlib.util.find_spec("grpc_status")
+            else "client not installed (optional: pip install ringtrain[connect])",
+        )
+    )
     mpi4py = _dist_version("mpi4py")
     found.append(
         Finding(
@@ -546,7 +574,7 @@ def _print_row(name: str, status: str, value: str) -> None:
     print(f"  {name:<14} {status:<5} {value}", flush=True)
 
 
-def run_smoke_tests(master: str | None) -> bool:
+def run_smoke_tests(master: str | None, remote: str | None = None) -> bool:
     """Run each available backend's smoke test on 2 workers; print and return whether all passed."""
     import pickle
 
@@ -554,12 +582,14 @@ def run_smoke_tests(master: str | None) -> bool:
     from .launcher import driver, spark
     from .worker import FunctionTask
 
-    print(f"smoke tests (2 workers, {master or 'embedded local Spark'}):", flush=True)
+    print(f"smoke tests (2 workers, {remote or master or 'embedded local Spark'}):", flush=True)
     started = time.monotonic()
     try:
         if master:
             spark.check_master_reachable(master)
-        spark.get_session(JobConfig.from_env(num_proc=2, master=master))
+        if remote:
+            spark.check_remote_reachable(remote)
+        spark.get_session(JobConfig.from_env(num_proc=2, master=master, remote=remote))
     except Exception as err:
         _print_row("spark", "FAIL", f"{time.monotonic() - started:.1f} s: {err}")
         return False
@@ -606,7 +636,7 @@ def _run_check(ns: argparse.Namespace) -> int:
             f"ringtrain: missing {', '.join(f.name for f in missing)}; install it and retry", file=sys.stderr
         )
         return EXIT_ERROR
-    if ns.smoke and not run_smoke_tests(ns.master):
+    if ns.smoke and not run_smoke_tests(ns.master, ns.remote):
         return EXIT_ERROR
     return 0
 

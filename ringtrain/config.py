@@ -23,8 +23,9 @@ class JobConfig:
     """Everything the launcher needs to run one job.
 
     ``num_proc`` counts worker processes; ``None`` means every GPU, or every slot
-    on CPU. ``worker_env`` is added to each worker's environment. ``timeout`` bounds
-    the job's wall-clock seconds over all its attempts; past it every worker is
+    on CPU. ``remote`` is a Spark Connect URL (``sc://...``, or ``local[N]``) to use
+    instead of a master. ``worker_env`` is added to each worker's environment. ``timeout``
+    bounds the job's wall-clock seconds over all its attempts; past it every worker is
     stopped. A failed job is started again up to ``max_restarts`` times, with the same
     ``job_dir``. ``results`` says whose return values travel to the driver.
     ``worker_settings`` are the forwarded RINGTRAIN_* values every worker gets.
@@ -33,6 +34,7 @@ class JobConfig:
     num_proc: int | None = None
     backend: str = "auto"
     master: str | None = None
+    remote: str | None = None
     spark_conf: Mapping[str, str] = field(default_factory=dict)
     worker_env: Mapping[str, str] = field(default_factory=dict)
     threads_per_worker: int = 0
@@ -64,6 +66,11 @@ class JobConfig:
                 )
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.master and self.remote:
+            raise ConfigError(
+                f"give a Spark master ({self.master}) or a Spark Connect remote ({self.remote}), "
+                "not both: a Connect server already has its master"
+            )
         for key, value in {**self.spark_conf, **self.worker_env}.items():
             if not isinstance(key, str) or not isinstance(value, str) or not key:
                 raise ConfigError(

@@ -253,6 +253,13 @@ VARS: dict[str, Var] = {
             str,
             "`ringtrain launch --master`: Spark master URL; unset starts an embedded local Spark.",
         ),
+        Var(
+            "RINGTRAIN_REMOTE",
+            "",
+            str,
+            "`ringtrain launch --remote`: Spark Connect URL (sc://HOST[:PORT]); unset falls back to "
+            "SPARK_REMOTE, then to the master.",
+        ),
         Var("RINGTRAIN_GPUS_PER_PROC", "", str, "`ringtrain launch --gpus-per-proc`: GPUs per worker."),
         Var(
             "RINGTRAIN_CONF",

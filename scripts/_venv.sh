@@ -14,7 +14,7 @@ fi
 stamp="$VENV/.ringtrain-installed-$(cat "$ROOT"/setup.cfg "$ROOT"/setup.py "$ROOT"/pyproject.toml "$ROOT"/native/* | sha1sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[mpi,examples,test,bench]"
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[mpi,examples,test,bench,connect]"
   rm -f "$VENV"/.ringtrain-installed-*
   touch "$stamp"
 fi

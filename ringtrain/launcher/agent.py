@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import progress, rendezvous
 from ..errors import BackendStartError, Failure
@@ -55,6 +55,9 @@ from ..protocol import (
 from . import channel
 from .ports import PortReservation
 from .workers import MpiGroup, MpiRelay, ProcessGroup, WorkerGroup
+
+if TYPE_CHECKING:
+    from .stage import StageTask
 
 logger = logging.getLogger(__name__)
 
@@ -502,11 +505,6 @@ def run_task(
     return keeper.run(job, partition, gpus, all_gather)
 
 
-def run_barrier_task(job: TaskJob, _rows) -> list[bytes]:
-    """Entry point of each barrier task (passed to ``mapPartitions``)."""
-    from pyspark import BarrierTaskContext
-
-    ctx = BarrierTaskContext.get()
-    resources = ctx.resources()
-    gpus = tuple(resources["gpu"].addresses) if "gpu" in resources else ()
-    return run_task(job, ctx.partitionId(), gpus, ctx.allGather)
+def run_barrier_task(job: TaskJob, task: StageTask) -> list[bytes]:
+    """Entry point of each barrier task (run by the launch stage, see stage.py)."""
+    return run_task(job, task.partition, task.gpus, task.all_gather)

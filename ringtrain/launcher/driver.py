@@ -60,6 +60,7 @@ from ..protocol import (
 from . import spark
 from .agent import TaskJob, run_barrier_task
 from .channel import ChannelServer, Connection
+from .stage import BarrierStage, is_connect
 from .stall import StallInspector, StallReport
 
 logger = logging.getLogger(__name__)
@@ -98,10 +99,10 @@ def launch(config: JobConfig, payload: bytes, printer: LogPrinter | None = None)
     """
     printer = printer or LogPrinter()
     session = spark.get_session(config)
-    sc = session.sparkContext
+    master = spark.ClusterConf.read(session).master
     deadline = None if config.timeout is None else time.monotonic() + config.timeout
-    job_dir = prepare_job_dir(config.job_dir, sc.master)
-    if config.max_restarts and config.job_dir is None and not sc.master.startswith("local"):
+    job_dir = prepare_job_dir(config.job_dir, master)
+    if config.max_restarts and config.job_dir is None and not master.startswith("local"):
         printer.notice(
             f"no shared job directory: checkpoints in {job_dir} stay on each host, so a restart may not "
             "find them. Pass job_dir= (or --job-dir, RINGTRAIN_JOB_DIR) on shared storage"
@@ -109,7 +110,7 @@ def launch(config: JobConfig, payload: bytes, printer: LogPrinter | None = None)
     attempt = 0
     while True:
         try:
-            return _attempt(sc, config, payload, printer, attempt, job_dir, deadline)
+            return _attempt(session, config, payload, printer, attempt, job_dir, deadline)
         except RingtrainError as err:
             if attempt >= config.max_restarts or not is_retryable(err):
                 raise
@@ -145,15 +146,15 @@ def default_job_dir() -> Path:
 
 
 def _attempt(
-    sc, config: JobConfig, payload: bytes, printer: LogPrinter, attempt: int, job_dir: str, deadline
+    session, config: JobConfig, payload: bytes, printer: LogPrinter, attempt: int, job_dir: str, deadline
 ) -> dict[int, bytes | None]:
     # Every attempt checks the slots again: a restart that cannot get them fails like a first start.
-    layout = spark.preflight(sc, config)
+    layout = spark.preflight(session, config)
     tried = backends.candidates(config.backend, layout.uses_gpus, backends.mpi_installed())
     for index, backend in enumerate(tried):
         try:
             return _launch_once(
-                sc, layout, replace(config, backend=backend), payload, printer, attempt, job_dir, deadline
+                session, layout, replace(config, backend=backend), payload, printer, attempt, job_dir, deadline
             )
         except BackendStartError as err:
             if index + 1 == len(tried):
@@ -172,7 +173,7 @@ def channel_address(bind_address: str | None, driver_host: str | None) -> tuple[
 
 
 def _launch_once(
-    sc,
+    session,
     layout: spark.Layout,
     config: JobConfig,
     payload: bytes,
@@ -181,8 +182,9 @@ def _launch_once(
     job_dir: str,
     deadline: float | None,
 ):
-    conf = sc.getConf()
-    bind, advertised = channel_address(conf.get("spark.driver.bindAddress"), conf.get("spark.driver.host"))
+    # A Spark Connect client is dialled at its own address; a classic driver binds where Spark does.
+    bind_address = None if is_connect(session) else session.conf.get("spark.driver.bindAddress", None)
+    bind, advertised = channel_address(bind_address, spark.driver_host(session))
     secret = secrets.token_bytes(32)
     with ChannelServer(secret, bind, config.channel_ports) as server:
         job = TaskJob(
@@ -199,8 +201,10 @@ def _launch_once(
             heartbeat_interval=config.heartbeat_interval,
             heartbeat_timeout=config.heartbeat_timeout,
         )
-        barrier = spark.BarrierJob(sc, layout.num_tasks, partial(run_barrier_task, job))
+        task_fn = partial(run_barrier_task, job)
+        barrier = BarrierStage(session, layout.num_tasks, task_fn, profile=layout.profile)
         barrier.start()
+        spark.await_slots(barrier, layout, config)
         return _Supervisor(server, barrier, layout, config, printer, deadline, job_dir).run()
 
 
@@ -238,7 +242,7 @@ class _Supervisor:
     def __init__(
         self,
         server: ChannelServer,
-        barrier: spark.BarrierJob,
+        barrier: BarrierStage,
         layout: spark.Layout,
         config: JobConfig,
         printer: LogPrinter,
@@ -287,6 +291,9 @@ class _Supervisor:
                 lambda: len(self.done_tasks) >= self.layout.num_tasks, time.monotonic() + self._stop_wait
             )
             self._drain()
+            # Let the stage end by itself: cancelling a finishing stage kills its Python
+            # workers, and the session's next job then waits for fresh ones.
+            self.barrier.join(self.config.abort_wait)
             return self.results
         except BaseException:
             self._stop("the driver is stopping the job")  # a no-op if already stopped

@@ -1,21 +1,28 @@
-"""Spark side of the driver: the session, the pre-flight slot check, the barrier job."""
+"""Spark side of the driver: the session (classic or Spark Connect) and the pre-flight check.
+
+The barrier stage itself lives in :mod:`ringtrain.launcher.stage`.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import re
+import socket
 import sys
-import threading
 import time
-import uuid
+import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..config import JobConfig
 from ..errors import ConfigError, ResourceError
 from ..rendezvous import workers_per_task
+from .stage import is_connect
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +36,12 @@ LOOPBACK_CONF = {
     "spark.driver.bindAddress": "127.0.0.1",
 }
 
+# Settings that only shape a session this process starts; a Spark Connect client cannot
+# set them on the server (and has no console progress bar of Spark's to silence).
+_CLASSIC_ONLY_CONF = ("spark.ui.showConsoleProgress",)
+
+CONNECT_DEFAULT_PORT = 15002
+
 
 def loopback_session(master: str, app_name: str = "ringtrain", conf: Mapping[str, str] | None = None):
     """A quiet SparkSession for ``local[...]`` or ``local-cluster[...]`` masters; ``conf`` wins."""
@@ -36,22 +49,79 @@ def loopback_session(master: str, app_name: str = "ringtrain", conf: Mapping[str
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.master(master).appName(app_name)
-    quiet_logs = f"-Dlog4j2.configurationFile={Path(__file__).with_name('log4j2.properties').as_uri()}"
-    defaults = {**LOOPBACK_CONF, "spark.driver.extraJavaOptions": quiet_logs}
-    for key, value in {**defaults, **(conf or {})}.items():
+    for key, value in {**_loopback_defaults(), **(conf or {})}.items():
         builder = builder.config(key, value)
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("ERROR")
     return session
 
 
-def get_session(config: JobConfig):
-    """The active SparkSession, or an embedded local one with enough slots."""
+def connect_session(remote: str, conf: Mapping[str, str] | None = None):
+    """A Spark Connect session: ``sc://HOST[:PORT][/;params]``, or ``local[N]`` for a Connect
+    server that pyspark starts in this process. ``conf`` holds session (SQL) settings."""
     from pyspark.sql import SparkSession
 
-    active = SparkSession.getActiveSession()
-    if active is not None and config.master is None and not config.spark_conf:
-        return active
+    try:
+        import pyspark.sql.connect.session  # noqa: F401  (checks the client's dependencies)
+    except ImportError as err:
+        raise ConfigError(
+            f"Spark Connect needs its client libraries ({err}); install them with "
+            "pip install 'ringtrain[connect]'"
+        ) from None
+    settings = dict(conf or {})
+    if remote.startswith("local"):
+        # pyspark starts this server as a classic Spark in this process, from these settings:
+        # make it as quiet as an embedded session, and run its workers with this Python.
+        settings = {**_loopback_defaults(), **settings}
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    else:
+        settings = {k: v for k, v in settings.items() if k not in _CLASSIC_ONLY_CONF}
+    builder = SparkSession.builder.remote(remote)
+    for key, value in settings.items():
+        builder = builder.config(key, value)
+    with warnings.catch_warnings():
+        # The client then tries the server's start-up settings on its own session, and
+        # warns that they cannot change; they already applied when the server started.
+        warnings.filterwarnings("ignore", "Failed to set spark", UserWarning)
+        return builder.getOrCreate()
+
+
+def _loopback_defaults() -> dict[str, str]:
+    quiet_logs = f"-Dlog4j2.configurationFile={Path(__file__).with_name('log4j2.properties').as_uri()}"
+    return {**LOOPBACK_CONF, "spark.driver.extraJavaOptions": quiet_logs}
+
+
+def active_session():
+    """The session ``ringtrain.run`` should use, or None: pyspark's active (or default)
+    session, which is a Connect one once this process is in Connect mode; failing that, a
+    Connect session made without pyspark's generic builder."""
+    from pyspark.sql import SparkSession
+
+    try:
+        return SparkSession.active()
+    except Exception:  # PySparkRuntimeError: no active or default session of that kind
+        pass
+    connect = sys.modules.get("pyspark.sql.connect.session")
+    if connect is None:
+        return None
+    try:
+        return connect.SparkSession.active()
+    except Exception:
+        return None
+
+
+def get_session(config: JobConfig):
+    """The active SparkSession (classic or Connect), a Connect session for ``config.remote``
+    (or SPARK_REMOTE), or an embedded local session with enough slots."""
+    from pyspark.sql import SparkSession
+
+    if config.master is None and config.remote is None and not config.spark_conf:
+        active = active_session()
+        if active is not None:
+            return active
+    remote = config.remote or (None if config.master else os.environ.get("SPARK_REMOTE"))
+    if remote:
+        return connect_session(remote, config.spark_conf)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     master = config.master or f"local[{_local_slots(config)}]"
@@ -69,16 +139,61 @@ def _local_slots(config: JobConfig) -> int:
     return env.get("RINGTRAIN_LOCAL_SLOTS") or max(config.num_proc or 0, os.cpu_count() or 1)
 
 
+def driver_host(session) -> str:
+    """The address the task agents dial to reach this process (the control channel).
+
+    On a classic session this process is the Spark driver: ``spark.driver.host``. A Spark
+    Connect client may run elsewhere: it is reached at its own address on the route to
+    the Connect server, unless that route is loopback, which puts the client on the
+    driver's host.
+    """
+    fallback = session.conf.get("spark.driver.host", None) or "127.0.0.1"
+    if not is_connect(session):
+        return fallback
+    own = local_address_towards(session.client.host)
+    if own is None or _is_loopback(own):
+        return fallback
+    return own
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def local_address_towards(host: str, port: int = CONNECT_DEFAULT_PORT) -> str | None:
+    """This machine's address on its route to ``host`` (no packet is sent), or None."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, proto=socket.IPPROTO_UDP)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(address)
+            return probe.getsockname()[0]
+    except OSError as err:
+        logger.debug("no route to %s: %s", host, err)
+        return None
+
+
 SETTLE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
 class Layout:
-    """How the job maps onto barrier tasks."""
+    """How the job maps onto barrier tasks.
+
+    ``profile`` is the stage's own ResourceProfile when executors have GPUs but the
+    session gives tasks none (stage-level scheduling); None when the session's task
+    resources apply. ``slots_known`` is False when pre-flight could not count the
+    cluster's slots (a Spark Connect session on a cluster whose configuration does not
+    tell): the stage must then start within ``start_timeout``.
+    """
 
     num_tasks: int
     workers_per_task: int
     uses_gpus: bool = False
+    profile: Any = field(default=None, compare=False, repr=False)
+    slots_known: bool = True
 
     @property
     def num_proc(self) -> int:
@@ -129,28 +244,191 @@ def layout_for(num_proc: int | None, slots: int, per_task: int, gpus_per_worker:
     return Layout(num_proc, 1)
 
 
-def concurrent_task_slots(sc) -> int:
-    """How many tasks of the default resource profile can run at once (Spark's own count)."""
+def _int_conf(value: str | None) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class ClusterConf:
+    """What a session's configuration says about its cluster; readable on both kinds of
+    session (a Spark Connect client sees the server's settings through ``session.conf``)."""
+
+    master: str
+    task_cpus: int = 1
+    task_gpus: str | None = None
+    executor_gpus: int = 0
+    executor_cores: int | None = None
+    executor_instances: int | None = None
+    dynamic_allocation: bool = False
+
+    @classmethod
+    def read(cls, session) -> ClusterConf:
+        def get(key: str) -> str | None:
+            return session.conf.get(key, None)
+
+        return cls(
+            master=get("spark.master") or "",
+            task_cpus=_int_conf(get("spark.task.cpus")) or 1,
+            task_gpus=get("spark.task.resource.gpu.amount"),
+            executor_gpus=_int_conf(get("spark.executor.resource.gpu.amount")) or 0,
+            executor_cores=_int_conf(get("spark.executor.cores")),
+            executor_instances=_int_conf(get("spark.executor.instances")),
+            dynamic_allocation=(get("spark.dynamicAllocation.enabled") or "").lower() == "true",
+        )
+
+    @property
+    def is_local(self) -> bool:
+        """``local`` or ``local[...]``: one executor inside the driver, which has no GPUs for tasks."""
+        return self.master == "local" or self.master.startswith("local[")
+
+
+_LOCAL = re.compile(r"local(?:\[\s*(\d+|\*)\s*(?:,\s*\d+\s*)?\])?")
+_LOCAL_CLUSTER = re.compile(r"local-cluster\[\s*(\d+)\s*,\s*(\d+)\s*,\s*\d+\s*\]")
+
+
+def conf_slots(cluster: ClusterConf, task_gpus: int, cpu_count: Callable[[], int]) -> int | None:
+    """Pure: the barrier slots the configuration implies, or None when it does not tell.
+
+    ``task_gpus`` is what each task asks for (0 on CPU). ``cpu_count`` gives the driver
+    host's cores, for ``local[*]``. Exact for local masters, local-cluster, and YARN or
+    Kubernetes with a fixed ``spark.executor.instances``; a standalone cluster's executors
+    take whatever cores their workers offer, which no setting says.
+    """
+
+    def per_executor(cores: int, gpus: int) -> int:
+        tasks = cores // cluster.task_cpus
+        return min(tasks, gpus // task_gpus) if task_gpus else tasks
+
+    local = _LOCAL.fullmatch(cluster.master)
+    if local:
+        threads = local.group(1)
+        cores = 1 if threads is None else cpu_count() if threads == "*" else int(threads)
+        return per_executor(cores, 0) if not task_gpus else 0
+    local_cluster = _LOCAL_CLUSTER.fullmatch(cluster.master)
+    if local_cluster:
+        executors, cores = int(local_cluster.group(1)), int(local_cluster.group(2))
+        return executors * per_executor(cores, cluster.executor_gpus)
+    static = cluster.executor_instances is not None and not cluster.dynamic_allocation
+    if static and (cluster.master == "yarn" or cluster.master.startswith("k8s://")):
+        cores = cluster.executor_cores or 1  # the default on YARN and Kubernetes
+        return cluster.executor_instances * per_executor(cores, cluster.executor_gpus)
+    return None
+
+
+def concurrent_task_slots(sc, java_profile=None) -> int:
+    """How many tasks of ``java_profile`` (default: the default profile) can run at once,
+    by Spark's own count; classic sessions only."""
     jsc = sc._jsc.sc()
-    profile = jsc.resourceProfileManager().defaultResourceProfile()
+    profile = java_profile or jsc.resourceProfileManager().defaultResourceProfile()
     return int(jsc.maxNumConcurrentTasks(profile))
 
 
-def preflight(sc, config: JobConfig, sleep: Callable[[float], None] = time.sleep) -> Layout:
+def task_profile(session, cluster: ClusterConf, gpus: int):
+    """A ResourceProfile asking ``gpus`` GPUs per task for the training stage alone.
+
+    Spark schedules such task-only profiles on the executors it already has when dynamic
+    allocation is off (as barrier mode needs): on standalone, YARN and Kubernetes. A
+    ``local[N]`` master has no GPUs for tasks, so it gets a ConfigError naming the
+    session-wide setting instead.
+    """
+    if cluster.is_local:
+        raise ConfigError(
+            f"executors have GPUs (spark.executor.resource.gpu.amount={cluster.executor_gpus}) but "
+            f"spark.task.resource.gpu.amount is unset, and master {cluster.master} cannot give the "
+            "training stage its own GPU request (Spark does that on standalone, YARN and Kubernetes "
+            "masters); set spark.task.resource.gpu.amount for the session, or unset "
+            "spark.executor.resource.gpu.amount to train on CPU"
+        )
+    from pyspark.resource import (
+        ResourceProfile,
+        ResourceProfileBuilder,
+        TaskResourceRequest,
+        TaskResourceRequests,
+    )
+
+    try:
+        if is_connect(session):
+            # Built from plain requests: the server creates it, and checks it is supported.
+            requests = {"cpus": TaskResourceRequest("cpus", cluster.task_cpus)}
+            requests["gpu"] = TaskResourceRequest("gpu", gpus)
+            profile = ResourceProfile(_exec_req={}, _task_req=requests)
+            profile.id  # noqa: B018  (creates it on the server now, so errors surface here)
+        else:
+            wanted = TaskResourceRequests().cpus(cluster.task_cpus).resource("gpu", gpus)
+            profile = ResourceProfileBuilder().require(wanted).build
+            manager = session.sparkContext._jsc.sc().resourceProfileManager()
+            manager.addResourceProfile(profile._java_resource_profile)
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise ConfigError(
+            f"Spark refused a stage-level GPU request of {gpus} GPU(s) per task on master "
+            f"{cluster.master} ({_first_line(err)}); set spark.task.resource.gpu.amount for the "
+            "whole session instead"
+        ) from None
+    logger.info("the training stage asks for %d GPU(s) per task through its own resource profile", gpus)
+    return profile
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _probe_cpu_count(session) -> int:
+    """The cores of the host a ``local[*]`` Connect server runs on, from a one-task job."""
+    table = session.range(1).mapInArrow(_cpu_count_batches, "cpus int").toArrow()
+    return int(table.column("cpus")[0].as_py())
+
+
+def _cpu_count_batches(batches):
+    import pyarrow as pa
+
+    for _ in batches:
+        pass
+    yield pa.RecordBatch.from_pydict({"cpus": pa.array([len(os.sched_getaffinity(0))], pa.int32())})
+
+
+def preflight(session, config: JobConfig, sleep: Callable[[float], None] = time.sleep) -> Layout:
     """Check the cluster can run the job, within ``start_timeout`` instead of Spark's ~10 min.
 
-    Executors of a freshly started cluster register over a few seconds, so a short
-    count is retried until it is enough, or stable when num_proc is left to default.
+    A classic session counts slots through Spark's scheduler. Executors of a freshly
+    started cluster register over a few seconds, so a short count is retried until it
+    is enough, or stable when num_proc is left to default. A Spark Connect session has
+    no scheduler to ask: the count comes from the configuration (and, for ``local[*]``,
+    a one-task probe job); where the configuration does not tell, the stage itself must
+    start within ``start_timeout`` (see :func:`await_slots`).
     """
-    per_task = gpus_per_task(sc.getConf().get("spark.task.resource.gpu.amount"))
+    cluster = ClusterConf.read(session)
+    if cluster.dynamic_allocation:
+        raise ConfigError(
+            "spark.dynamicAllocation.enabled=true: Spark's barrier mode, which ringtrain's training "
+            "stage uses, does not run with dynamic allocation; disable it for this session"
+        )
+    per_task = gpus_per_task(cluster.task_gpus)
+    profile = None
+    if not per_task and cluster.executor_gpus:
+        per_task = config.gpus_per_worker
+        profile = task_profile(session, cluster, per_task)
+    if is_connect(session):
+        layout = _connect_layout(session, config, cluster, per_task)
+    else:
+        layout = _classic_layout(session.sparkContext, config, cluster, per_task, profile, sleep)
+    return Layout(layout.num_tasks, layout.workers_per_task, layout.uses_gpus, profile, layout.slots_known)
+
+
+def _classic_layout(sc, config: JobConfig, cluster: ClusterConf, per_task: int, profile, sleep) -> Layout:
     per_worker = layout_for(None, 1, per_task, config.gpus_per_worker).workers_per_task
+    java_profile = profile._java_resource_profile if profile is not None else None
     # A local[N] master has all its slots at once; a cluster's count may still grow.
-    fixed = sc.master.startswith("local[") or sc.master == "local"
-    settle = 0.0 if fixed else SETTLE_SECONDS
+    settle = 0.0 if cluster.is_local else SETTLE_SECONDS
     deadline = time.monotonic() + config.start_timeout
     last, stable_since = -1, time.monotonic()
     while True:
-        slots = concurrent_task_slots(sc)
+        slots = concurrent_task_slots(sc, java_profile)
         now = time.monotonic()
         if slots != last:
             last, stable_since = slots, now
@@ -166,43 +444,35 @@ def preflight(sc, config: JobConfig, sleep: Callable[[float], None] = time.sleep
     return layout_for(config.num_proc, last, per_task, config.gpus_per_worker)
 
 
-class BarrierJob:
-    """Runs the barrier stage on a background thread, tagged so it can be cancelled."""
+def _connect_layout(session, config: JobConfig, cluster: ClusterConf, per_task: int) -> Layout:
+    slots = conf_slots(cluster, per_task, lambda: _probe_cpu_count(session))
+    if slots is not None:
+        return layout_for(config.num_proc, slots, per_task, config.gpus_per_worker)
+    if config.num_proc is None:
+        raise ConfigError(
+            f"set num_proc: this Spark Connect session's configuration (master {cluster.master}) does "
+            "not tell how many task slots the cluster has, so ringtrain cannot pick every slot"
+        )
+    # Trust num_proc; the stage has start_timeout to get its slots.
+    layout = layout_for(config.num_proc, config.num_proc, per_task, config.gpus_per_worker)
+    return Layout(layout.num_tasks, layout.workers_per_task, layout.uses_gpus, slots_known=False)
 
-    def __init__(self, sc, num_tasks: int, task_fn: Callable[[Any], list]):
-        self._sc = sc
-        self._num_tasks = num_tasks
-        self._task_fn = task_fn
-        self.tag = f"ringtrain-{uuid.uuid4().hex[:12]}"
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=self.tag, daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        sc = self._sc
-        sc.addJobTag(self.tag)
-        sc.setInterruptOnCancel(True)
-        try:
-            rdd = sc.parallelize(range(self._num_tasks), self._num_tasks)
-            rdd.barrier().mapPartitions(self._task_fn).collect()
-        except BaseException as err:  # reported by the driver loop
-            self.error = err
-        finally:
-            sc.removeJobTag(self.tag)
-
-    def done(self) -> bool:
-        return not self._thread.is_alive()
-
-    def cancel(self) -> None:
-        try:
-            self._sc.cancelJobsWithTag(self.tag)
-        except Exception as err:  # the context may already be stopped
-            logger.debug("cancelling %s failed: %s", self.tag, err)
-
-    def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
+def await_slots(stage, layout: Layout, config: JobConfig) -> None:
+    """Where pre-flight could not count the slots: fail with ResourceError unless the
+    stage's tasks start within ``start_timeout`` (a barrier stage gets all or nothing)."""
+    if layout.slots_known or stage.wait_started(config.start_timeout) or stage.done():
+        return
+    stage.cancel()
+    stage.join(config.abort_wait)
+    needs = f"{layout.num_tasks} barrier task slots"
+    if layout.uses_gpus:
+        needs += f" with {layout.num_proc * config.gpus_per_worker // layout.num_tasks} GPU(s) each"
+    raise ResourceError(
+        f"num_proc={layout.num_proc} needs {needs}, and the cluster did not offer them within "
+        f"{config.start_timeout:g} s (RINGTRAIN_START_TIMEOUT); lower num_proc, add executors, "
+        "or raise the timeout if executors are still starting"
+    )
 
 
 def check_master_reachable(master: str, timeout: float = 3.0) -> None:
@@ -214,10 +484,6 @@ def check_master_reachable(master: str, timeout: float = 3.0) -> None:
     network; ``yarn`` needs HADOOP_CONF_DIR or YARN_CONF_DIR. Other schemes are
     left to Spark.
     """
-    import re
-    import socket
-    from urllib.parse import urlsplit
-
     if re.fullmatch(r"local(\[[^\]]*\])?|local-cluster\[\d+,\s*\d+,\s*\d+\]", master):
         return
     if master.startswith("local"):
@@ -260,3 +526,30 @@ def check_master_reachable(master: str, timeout: float = 3.0) -> None:
         f"cannot reach the Spark master {master} ({'; '.join(errors)}); check that the master is "
         "running and the host and port are right, or leave --master unset for an embedded local Spark"
     )
+
+
+def check_remote_reachable(remote: str, timeout: float = 3.0) -> None:
+    """Fail fast, naming the URL, when a Spark Connect server cannot be reached.
+
+    ``local`` and ``local[N]`` start a Connect server in this process and need no network.
+    """
+    if re.fullmatch(r"local(\[[^\]]*\])?", remote):
+        return
+    url = urlsplit(remote)
+    try:
+        host, port = url.hostname, url.port or CONNECT_DEFAULT_PORT
+    except ValueError:
+        host, port = None, None
+    if url.scheme != "sc" or not host:
+        raise ConfigError(
+            f"remote {remote!r} is not a Spark Connect URL; write sc://HOST[:PORT][/;param=value...] "
+            "or local[N]"
+        )
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return
+    except OSError as err:
+        raise ResourceError(
+            f"cannot reach the Spark Connect server {host}:{port} ({err.strerror or err}); check that "
+            "the server is running (sbin/start-connect-server.sh) and the host and port are right"
+        ) from None
