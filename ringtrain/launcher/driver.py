@@ -154,7 +154,14 @@ def _attempt(
     for index, backend in enumerate(tried):
         try:
             return _launch_once(
-                session, layout, replace(config, backend=backend), payload, printer, attempt, job_dir, deadline
+                session,
+                layout,
+                replace(config, backend=backend),
+                payload,
+                printer,
+                attempt,
+                job_dir,
+                deadline,
             )
         except BackendStartError as err:
             if index + 1 == len(tried):

@@ -29,13 +29,14 @@ def fake_cluster(monkeypatch, tmp_path):
     """Replaces Spark with a 2-slot CPU cluster and records each backend launched."""
     tried = []
 
-    class _Context:
-        master = "local[2]"
+    class _Conf:
+        def get(self, key, default=None):
+            return {"spark.master": "local[2]"}.get(key, default)
 
     class _Session:
-        sparkContext = _Context()
+        conf = _Conf()
 
-    def launch_once(sc, layout, config, *rest):
+    def launch_once(session, layout, config, *rest):
         tried.append(config.backend)
         if config.backend in fake_cluster_failing:
             raise BackendStartError(f"{config.backend} is broken here")
@@ -44,7 +45,7 @@ def fake_cluster(monkeypatch, tmp_path):
     fake_cluster_failing: set[str] = set()
     monkeypatch.setattr(driver, "default_job_dir", lambda: tmp_path)
     monkeypatch.setattr(spark, "get_session", lambda config: _Session())
-    monkeypatch.setattr(spark, "preflight", lambda sc, config: spark.Layout(2, 1, False))
+    monkeypatch.setattr(spark, "preflight", lambda session, config: spark.Layout(2, 1, False))
     monkeypatch.setattr(backends, "mpi_installed", lambda: True)
     monkeypatch.setattr(driver, "_launch_once", launch_once)
     return tried, fake_cluster_failing

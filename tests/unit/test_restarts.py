@@ -24,21 +24,22 @@ from ringtrain.launcher import driver, spark
 def cluster(monkeypatch, tmp_path):
     """A fake 2-slot cluster; ``outcomes`` says what each attempt raises (None: success)."""
 
-    class _Context:
-        master = "local[2]"
+    class _Conf:
+        def get(self, key, default=None):
+            return {"spark.master": "local[2]"}.get(key, default)
 
     class _Session:
-        sparkContext = _Context()
+        conf = _Conf()
 
     state = {"outcomes": [], "attempts": [], "deadlines": [], "preflights": 0, "preflight_error": None}
 
-    def preflight(sc, config):
+    def preflight(session, config):
         state["preflights"] += 1
         if state["preflight_error"] and state["preflights"] > 1:
             raise state["preflight_error"]
         return spark.Layout(2, 1, False)
 
-    def launch_once(sc, layout, config, payload, printer, attempt, job_dir, deadline):
+    def launch_once(session, layout, config, payload, printer, attempt, job_dir, deadline):
         state["attempts"].append((attempt, job_dir))
         state["deadlines"].append(deadline)
         outcome = state["outcomes"].pop(0) if state["outcomes"] else None
