@@ -35,6 +35,19 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+_BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _byte_count(text: str) -> int:
+    """Whole bytes, optionally with a binary K, M or G suffix: ``268435456``, ``256M``."""
+    stripped = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = stripped[-1:] if stripped[-1:] in _BYTE_UNITS else ""
+    number = stripped[: len(stripped) - len(unit)]
+    if not number.isdigit():
+        raise ValueError("must be a whole number of bytes, optionally with a K, M or G suffix")
+    return int(number) * _BYTE_UNITS[unit]
+
+
 def _flag(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -97,6 +110,22 @@ VARS: dict[str, Var] = {
             _flag,
             "1 makes workers keep freed blocks up to 32 MiB in the heap (glibc mallopt), so each "
             "step's gradient arrays reuse memory instead of page-faulting fresh mappings.",
+        ),
+        # The data path (ringtrain.data).
+        Var(
+            "RINGTRAIN_DATA_SPILL_DIR",
+            "",
+            str,
+            "Where task agents store their rows of the job's DataFrames; unset means the first of "
+            "Spark's local directories (SPARK_LOCAL_DIRS), else the system temporary directory.",
+        ),
+        Var(
+            "RINGTRAIN_DATA_MAPPED_LIMIT",
+            "256M",
+            _byte_count,
+            "A worker reading its shard hands the file's mapped pages back to the kernel after "
+            "reading about this many bytes (K/M/G suffixes accepted), bounding its resident memory; "
+            "0 never does.",
         ),
         # Fused buffers: parsed by ringtrain.fusion, which reads them at import.
         Var(
@@ -166,6 +195,7 @@ INTERNAL = {
     "RINGTRAIN_WORKDIR": "the worker's private directory (payload, result, error files)",
     "RINGTRAIN_PARENT_PID": "the agent's pid, checked when the worker asks to die with its parent",
     "RINGTRAIN_LOCAL_ENVS": "mpi backend: each local rank's placement, keyed by PMI rank",
+    "RINGTRAIN_DATA_DIR": "the task's data directory (layout.json, one Arrow IPC file per dataset)",
 }
 
 
