@@ -133,10 +133,14 @@ class BlobEncoder:
         self.blob_bytes = blob_bytes
 
     def __call__(self, batches):
-        import pyarrow as pa
         from pyspark import TaskContext
 
-        source = TaskContext.get().partitionId()
+        return self.encode(batches, TaskContext.get().partitionId())
+
+    def encode(self, batches, source: int):
+        """Blob rows for the Arrow ``batches`` of source partition ``source``."""
+        import pyarrow as pa
+
         rotation = source % self.num_tasks
         pending = [_PendingBlob() for _ in range(self.num_tasks)]
         for batch in batches:

@@ -177,8 +177,6 @@ class Shard:
         column, on tf.data's background thread. The dataset's auto-sharding is off: it is
         this rank's data already.
         """
-        import tensorflow as tf
-
         steps = self.steps_per_epoch(batch_size)
         batch_size = check_batch_size(batch_size)
         if label is not None:
@@ -186,6 +184,8 @@ class Shard:
         names = self._select(columns, exclude=label)
         single = isinstance(columns, str)
         shapes = self._check_shapes(shapes or {})
+        import tensorflow as tf  # after the checks: bad arguments fail without loading TF
+
         batches = _BatchReader(self, names, label, shapes)
         epochs = itertools.count()
         rows = steps * batch_size
