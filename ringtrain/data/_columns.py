@@ -142,7 +142,9 @@ def normalize_batch(batch, dataset: str, source_partition: int):
             or pa.types.is_binary(kind)
             or pa.types.is_large_binary(kind)
         ):
-            raise DataError(f"column {field.name!r} arrived as Arrow type {kind} ({where}), which is not supported")
+            raise DataError(
+                f"column {field.name!r} arrived as Arrow type {kind} ({where}), which is unsupported"
+            )
         fields.append(pa.field(field.name, array.type, nullable=False, metadata=metadata))
         arrays.append(array)
     return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))

@@ -54,7 +54,9 @@ def keys_for_partitions(num_partitions: int) -> list[int]:
     return keys  # type: ignore[return-value]
 
 
-def round_robin_slices(num_rows: int, num_targets: int, rotation: int) -> tuple[list[tuple[int, int, int]], int]:
+def round_robin_slices(
+    num_rows: int, num_targets: int, rotation: int
+) -> tuple[list[tuple[int, int, int]], int]:
     """Deal ``num_rows`` consecutive rows to ``num_targets`` targets as contiguous slices.
 
     Every target gets ``num_rows // num_targets`` rows; the ``num_rows % num_targets``

@@ -111,7 +111,9 @@ def prepare(data: Any, num_tasks: int, *, check_empty: bool = True) -> PreparedD
             if df.isEmpty():
                 raise DataError(f"dataset {name!r} is empty: its DataFrame has no rows")
     keys = keys_for_partitions(num_tasks)
-    encoded = [df.mapInArrow(BlobEncoder(name, num_tasks, keys), BLOB_SCHEMA) for name, df in datasets.items()]
+    encoded = [
+        df.mapInArrow(BlobEncoder(name, num_tasks, keys), BLOB_SCHEMA) for name, df in datasets.items()
+    ]
     combined = functools.reduce(lambda a, b: a.unionByName(b), encoded)
     input_df = combined.repartition(num_tasks, "key")
     return PreparedData(input_df, tuple(datasets), columns, num_tasks)

@@ -243,8 +243,8 @@ class Shard:
             shape = tuple(int(d) for d in shape)
             if info.kind != "vector" or int(np.prod(shape)) != info.width:
                 raise DataError(
-                    f"shapes[{name!r}]={shape} does not fit column {name!r} ({info.describe()}); give a shape "
-                    f"whose sizes multiply to the array length"
+                    f"shapes[{name!r}]={shape} does not fit column {name!r} ({info.describe()}); give a "
+                    "shape whose sizes multiply to the array length"
                 )
             checked[name] = shape
         return checked

@@ -92,7 +92,9 @@ class SpillSummary:
         return cls(int(data["partition"]), pieces)
 
 
-def spill(batches: Iterable[Any], directory: str | Path, partition: int, names: Sequence[str]) -> SpillSummary:
+def spill(
+    batches: Iterable[Any], directory: str | Path, partition: int, names: Sequence[str]
+) -> SpillSummary:
     """Store this task's rows of every dataset in ``names`` under ``directory``.
 
     ``batches`` are the task's input Arrow record batches (rows of name, target, key and
@@ -330,6 +332,14 @@ class RankRows:
     partition: int
     ranges: Mapping[str, tuple[int, int]]
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "partition": self.partition, "ranges": dict(self.ranges)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RankRows:
+        ranges = {name: (int(start), int(stop)) for name, (start, stop) in data["ranges"].items()}
+        return cls(int(data["rank"]), int(data["partition"]), ranges)
+
 
 @dataclass(frozen=True)
 class DataLayout:
@@ -348,10 +358,7 @@ class DataLayout:
             {
                 "names": list(self.names),
                 "columns": {n: [c.to_dict() for c in cols] for n, cols in self.columns.items()},
-                "ranks": [
-                    {"rank": r.rank, "partition": r.partition, "ranges": {n: list(v) for n, v in r.ranges.items()}}
-                    for r in self.ranks
-                ],
+                "ranks": [r.to_dict() for r in self.ranks],
             }
         )
 
@@ -361,10 +368,7 @@ class DataLayout:
         return cls(
             tuple(data["names"]),
             {n: tuple(ColumnInfo.from_dict(c) for c in cols) for n, cols in data["columns"].items()},
-            tuple(
-                RankRows(int(r["rank"]), int(r["partition"]), {n: (int(a), int(b)) for n, (a, b) in r["ranges"].items()})
-                for r in data["ranks"]
-            ),
+            tuple(RankRows.from_dict(r) for r in data["ranks"]),
         )
 
 
@@ -416,7 +420,9 @@ def _agreed_columns(name: str, summaries: Sequence[SpillSummary]) -> tuple[Colum
                     f"column {a.name!r} of dataset {name!r} is {a.describe()} on task {first.partition} but "
                     f"{b.describe()} on task {other.partition}; cast it to one type"
                 )
-        raise DataError(f"dataset {name!r} has different columns on tasks {first.partition} and {other.partition}")
+        raise DataError(
+            f"dataset {name!r} has different columns on tasks {first.partition} and {other.partition}"
+        )
     return first.pieces[name].columns
 
 

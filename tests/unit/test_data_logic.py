@@ -47,7 +47,8 @@ def test_every_rank_reads_steps_times_batch_and_the_remainder_is_below_size_time
 def test_a_batch_larger_than_the_smallest_share_names_that_rank(counts, data):
     batch = data.draw(st.integers(min(counts) + 1, min(counts) + 1000))
     smallest = counts.index(min(counts))
-    with pytest.raises(DataError, match=rf"larger than rank {smallest}'s share of dataset 'train' \({min(counts)} rows"):
+    says = rf"larger than rank {smallest}'s share of dataset 'train' \({min(counts)} rows"
+    with pytest.raises(DataError, match=says):
         _steps.steps_per_epoch(counts, batch)
 
 
@@ -152,7 +153,9 @@ def test_round_robin_slices_cover_each_batch_and_stay_within_one_row(batches, ta
     workers=st.integers(1, 3),
     data=st.data(),
 )
-def test_skewed_partitions_end_in_equal_steps_that_cover_all_but_the_remainder(partitions, tasks, workers, data):
+def test_skewed_partitions_end_in_equal_steps_covering_all_but_the_remainder(
+    partitions, tasks, workers, data
+):
     """The whole plan, end to end on ids: deal rows from any partitioning, lay them out, read one epoch."""
     task_ids: list[list[int]] = [[] for _ in range(tasks)]
     first = 0
@@ -164,7 +167,8 @@ def test_skewed_partitions_end_in_equal_steps_that_cover_all_but_the_remainder(p
             task_ids[target].extend(rows[a:b])
     total = sum(partitions)
     size = tasks * workers
-    summaries = [SpillSummary(t, {"train": Piece(len(ids), (ColumnInfo("id", "scalar", "int64"),))}) for t, ids in enumerate(task_ids)]
+    columns = (ColumnInfo("id", "scalar", "int64"),)
+    summaries = [SpillSummary(t, {"train": Piece(len(ids), columns)}) for t, ids in enumerate(task_ids)]
     if total == 0:
         with pytest.raises(DataError, match="dataset 'train' is empty"):
             build_layout(summaries, [workers] * tasks)
@@ -181,7 +185,9 @@ def test_skewed_partitions_end_in_equal_steps_that_cover_all_but_the_remainder(p
     for rank_rows in layout.ranks:
         start, stop = rank_rows.ranges["train"]
         ids = np.asarray(task_ids[rank_rows.partition][start:stop])
-        order = _steps.epoch_order(len(ids), steps * batch, shuffle=True, seed=0, rank=rank_rows.rank, epoch=0)
+        order = _steps.epoch_order(
+            len(ids), steps * batch, shuffle=True, seed=0, rank=rank_rows.rank, epoch=0
+        )
         assert len(order) == steps * batch
         seen.append(ids[order])
     missed = total - len(np.unique(np.concatenate(seen)))
@@ -222,7 +228,8 @@ def test_an_empty_dataset_is_an_error():
 
 
 def test_array_lengths_that_differ_between_tasks_are_named():
-    with pytest.raises(DataError, match=r"column 'x' of dataset 'train' holds arrays of different lengths \(3 on task 0, 4 on task 1\)"):
+    says = r"column 'x' of dataset 'train' holds arrays of different lengths \(3 on task 0, 4 on task 1\)"
+    with pytest.raises(DataError, match=says):
         build_layout([_summary(0, 5, width=3), _summary(1, 5, width=4)], [1, 1])
 
 

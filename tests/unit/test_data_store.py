@@ -5,52 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+from data_store import source_batch, store
 from pyspark.sql import types as T
 
 from ringtrain.data import reader
 from ringtrain.data._columns import check_schema, normalize_batch
 from ringtrain.data.prepare import BlobEncoder, as_datasets, data_error_from
-from ringtrain.data.reader import Shard, shard
-from ringtrain.data.spill import SpillSummary, build_layout, spill, write_layout
+from ringtrain.data.reader import shard
 from ringtrain.errors import ConfigError, DataError
-
-
-def _source_batch(first: int, n: int) -> pa.RecordBatch:
-    ids = np.arange(first, first + n)
-    return pa.RecordBatch.from_pydict(
-        {
-            "id": pa.array(ids, pa.int64()),
-            "x": pa.array([[float(i), -float(i), 0.5] for i in ids], pa.list_(pa.float32())),
-            "word": pa.array([f"w{i}" for i in ids]),
-            "flag": pa.array(ids % 3 == 0),
-            "raw": pa.array([bytes([i % 256]) * (i % 5) for i in ids], pa.binary()),
-        }
-    )
-
-
-def store(tmp_path, partitions, tasks, workers=1, blob_bytes=2048, names=("train",)):
-    """Run the whole path in-process: encode each source partition, spill per task, lay out."""
-    blobs = []
-    first = 0
-    for name in names:
-        encoder = BlobEncoder(name, tasks, list(range(tasks)), blob_bytes=blob_bytes)
-        for source, n in enumerate(partitions):
-            parts = [_source_batch(first, n)] if n else []
-            first += n
-            blobs.extend(encoder.encode(iter(parts), source))
-    table = pa.Table.from_batches(blobs, schema=blobs[0].schema)
-    dirs, summaries = [], []
-    for task in range(tasks):
-        mine = table.filter(pa.compute.equal(table.column("target"), task))
-        directory = tmp_path / f"task{task}"
-        summaries.append(spill(mine.to_batches(max_chunksize=7), directory, task, list(names)))
-        dirs.append(directory)
-    layout = build_layout([SpillSummary.from_json(s.to_json()) for s in summaries], [workers] * tasks)
-    for directory in dirs:
-        write_layout(directory, layout)
-    ranks = [Shard.open(dirs[r.partition], names[0], r.rank) for r in layout.ranks]
-    return ranks, dirs
-
 
 # ------------------------------------------------------------------ what data may be
 
@@ -101,11 +63,19 @@ def test_supported_column_types_pass():
 @pytest.mark.parametrize(
     "data_type, says",
     [
-        (T.TimestampType(), r"type timestamp, which cannot become a tensor \(turn it into a number, e.g. F.unix_seconds\('c'\)\)"),
+        (
+            T.TimestampType(),
+            r"type timestamp, which cannot become a tensor "
+            r"\(turn it into a number, e.g. F.unix_seconds\('c'\)\)",
+        ),
         (T.DecimalType(10, 2), r"type decimal\(10,2\), which cannot become a tensor \(cast it to double"),
         (T.MapType(T.StringType(), T.IntegerType()), "type map<string,int>"),
         (T.ArrayType(T.StringType()), r"type array<string>, .*\(arrays must hold numbers, not string\)"),
-        (T.ArrayType(T.ArrayType(T.FloatType())), r"type array<array<float>>, .*\(nested arrays are not supported; flatten them \(F.flatten\('c'\)\)"),
+        (
+            T.ArrayType(T.ArrayType(T.FloatType())),
+            r"type array<array<float>>, "
+            r".*\(nested arrays are not supported; flatten them \(F.flatten\('c'\)\)",
+        ),
         (T.StructType([T.StructField("a", T.IntegerType())]), "type struct<a:int>"),
         (T.DateType(), "type date"),
     ],
@@ -197,7 +167,8 @@ def test_a_batch_larger_than_a_ranks_share_is_an_error_on_every_rank(tmp_path):
     ranks, _ = store(tmp_path, [9, 1], tasks=2)
     shares = [s.num_rows for s in ranks]
     for s in ranks:
-        with pytest.raises(DataError, match=rf"batch_size=6 is larger than rank \d's share of dataset 'train' \({min(shares)} rows"):
+        says = rf"batch_size=6 is larger than rank \d's share of dataset 'train' \({min(shares)} rows"
+        with pytest.raises(DataError, match=says):
             s.steps_per_epoch(6)
         with pytest.raises(DataError, match="is larger than rank"):
             s.to_numpy(batch_size=6)
@@ -209,7 +180,8 @@ def test_shard_names_an_unknown_dataset_and_the_ones_passed(tmp_path, monkeypatc
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr(reader, "_opened", {})
     assert shard("val").name == "val" and shard("val") is shard("val")
-    with pytest.raises(DataError, match="no dataset named 'test' was passed to this job; it has 'train', 'val'"):
+    says = "no dataset named 'test' was passed to this job; it has 'train', 'val'"
+    with pytest.raises(DataError, match=says):
         shard("test")
 
 
@@ -223,15 +195,16 @@ def test_unknown_columns_and_bad_shapes_are_named(tmp_path):
     (first, _), _ = store(tmp_path, [40], tasks=2)
     with pytest.raises(DataError, match="no column 'nope'; its columns are id, x, word, flag, raw"):
         first.to_numpy(["nope"])
-    with pytest.raises(DataError, match=r"shapes\['x'\]=\(2, 2\) does not fit column 'x' \(array<float32>\[3\]\)"):
+    says = r"shapes\['x'\]=\(2, 2\) does not fit column 'x' \(array<float32>\[3\]\)"
+    with pytest.raises(DataError, match=says):
         first.to_tf_dataset(4, columns="x", shapes={"x": (2, 2)})
 
 
 def test_blobs_stay_near_their_size_bound(tmp_path):
     encoder = BlobEncoder("train", 2, [0, 1], blob_bytes=4096)
-    rows = list(encoder.encode(iter([_source_batch(0, 3000)]), 0))
+    rows = list(encoder.encode(iter([source_batch(0, 3000)]), 0))
     sizes = [len(b) for batch in rows for b in batch.column("ipc").to_pylist()]
-    row_bytes = _source_batch(0, 3000).nbytes / 3000
+    row_bytes = source_batch(0, 3000).nbytes / 3000
     # One blob's rows fill about blob_bytes; IPC framing adds a few hundred bytes.
     assert max(sizes) < 4096 + 1024 + 2 * row_bytes
     assert len(sizes) > 20
