@@ -175,7 +175,8 @@ class Shard:
 
         Each batch is gathered from the memory-mapped file with one numpy call per
         column, on tf.data's background thread. The dataset's auto-sharding is off: it is
-        this rank's data already.
+        this rank's data already. Under a ``tf.distribute`` strategy, ``fit`` takes the
+        batch of a plain dataset as the global one; use :meth:`to_distributed_dataset`.
         """
         steps = self.steps_per_epoch(batch_size)
         batch_size = check_batch_size(batch_size)
@@ -213,6 +214,26 @@ class Shard:
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
         dataset = dataset.with_options(options)
         return dataset.prefetch(tf.data.AUTOTUNE if prefetch is None else prefetch)
+
+    def to_distributed_dataset(self, strategy, batch_size: int, **options: Any):
+        """The dataset for ``model.fit`` under a ``tf.distribute`` strategy (``ringtrain.tf.strategy()``).
+
+        Each replica gets ``batch_size`` rows of this shard per step. Passed a plain
+        dataset, ``fit`` under MultiWorkerMirroredStrategy would take its batch as the
+        global one and split it between the workers, reading only part of each shard.
+        ``options`` are those of :meth:`to_tf_dataset`. The dataset repeats, so give
+        ``fit`` the steps::
+
+            model.fit(shard.to_distributed_dataset(strategy, 64, label="y"), epochs=3,
+                      steps_per_epoch=shard.steps_per_epoch(64))
+
+        (With several GPUs per worker, each worker's replicas take consecutive batches:
+        divide the steps by the replicas per worker.)
+        """
+        self.steps_per_epoch(batch_size)  # a bad batch size fails here, not inside tf.distribute
+        return strategy.distribute_datasets_from_function(
+            lambda _: self.to_tf_dataset(batch_size, **options).repeat()
+        )
 
     # ------------------------------------------------------------------ internals
 
