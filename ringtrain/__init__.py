@@ -10,7 +10,7 @@ def train():
 ringtrain.run(train, num_proc=2)
 """
 
-from . import keras, tf
+from . import data, keras, tf
 from .api import run
 from .collectives import (
     Average,
@@ -29,6 +29,7 @@ from .errors import (
     BackendError,
     ChannelError,
     ConfigError,
+    DataError,
     JobTimeoutError,
     ResourceError,
     RingtrainError,
@@ -47,11 +48,13 @@ __all__ = [
     "allreduce",
     "broadcast",
     "broadcast_variables",
+    "data",
     "grouped_allreduce",
     "keras",
     "BackendError",
     "ChannelError",
     "ConfigError",
+    "DataError",
     "JobTimeoutError",
     "ResourceError",
     "RingtrainError",

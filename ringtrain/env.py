@@ -123,9 +123,9 @@ VARS: dict[str, Var] = {
             "RINGTRAIN_DATA_MAPPED_LIMIT",
             "256M",
             _byte_count,
-            "A worker reading its shard hands the file's mapped pages back to the kernel after "
-            "reading about this many bytes (K/M/G suffixes accepted), bounding its resident memory; "
-            "0 never does.",
+            "A worker reading its shard hands the file's mapped pages back to the kernel once this "
+            "many bytes of them are resident (K/M/G suffixes accepted), bounding its resident "
+            "memory; 0 never does.",
         ),
         # Fused buffers: parsed by ringtrain.fusion, which reads them at import.
         Var(

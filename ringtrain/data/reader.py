@@ -4,8 +4,8 @@ A shard is this rank's rows of one dataset, in the Arrow IPC file its task agent
 to local disk. The file is memory-mapped, never read whole: every column is one
 contiguous array in it, so ``to_numpy`` returns views of the file, and each batch of
 ``to_tf_dataset`` is one numpy gather per column. Pages read through the mapping are
-handed back to the kernel every ``RINGTRAIN_DATA_MAPPED_LIMIT`` bytes, so a worker's
-resident memory stays bounded however large its shard is.
+handed back to the kernel once ``RINGTRAIN_DATA_MAPPED_LIMIT`` bytes of them are
+resident, so a worker's resident memory stays bounded however large its shard is.
 """
 
 from __future__ import annotations
@@ -195,6 +195,7 @@ class Shard:
             order = epoch_order(
                 self.num_rows, rows, shuffle=shuffle, seed=seed, rank=self.rank, epoch=next(epochs)
             )
+            batches.advise(shuffle)
             for step in range(steps):
                 index = order[step * batch_size : (step + 1) * batch_size]
                 if shuffle:
@@ -337,9 +338,36 @@ class _MappedFile:
     def release(self) -> None:
         release_pages(self._map)
 
+    def advise(self, shuffled: bool) -> None:
+        """Tell the kernel how the next pass reads: scattered rows fault in one page each,
+        without read-ahead; in order, read ahead generously."""
+        advice = "MADV_RANDOM" if shuffled else "MADV_SEQUENTIAL"
+        if hasattr(mmap, advice):
+            self._map.madvise(getattr(mmap, advice))
+
+
+_statm: tuple[int, int] | None = None  # (pid, fd) of an open /proc/self/statm
+
+
+def resident_file_bytes() -> int | None:
+    """Bytes of file-backed pages this process has resident (Linux); None where unknown.
+
+    Measured rather than estimated: one faulting row can map far more than its own bytes
+    (the kernel maps whole page-cache folios, up to megabytes, around a fault).
+    """
+    global _statm
+    if _statm is None or _statm[0] != os.getpid():  # /proc/self is resolved when opened
+        try:
+            _statm = (os.getpid(), os.open("/proc/self/statm", os.O_RDONLY))
+        except OSError:
+            return None
+    shared_pages = int(os.pread(_statm[1], 256, 0).split()[2])
+    return shared_pages * mmap.PAGESIZE
+
 
 class _BatchReader:
-    """Gathers batches of rows; hands mapped pages back every RINGTRAIN_DATA_MAPPED_LIMIT bytes."""
+    """Gathers batches of rows; hands the mapped pages back once RINGTRAIN_DATA_MAPPED_LIMIT
+    bytes of them are resident."""
 
     def __init__(self, shard: Shard, names: list[str], label: str | None, shapes: dict[str, tuple[int, ...]]):
         self._shard = shard
@@ -347,23 +375,25 @@ class _BatchReader:
         self._label = label
         self._shapes = shapes
         self._limit = env.get("RINGTRAIN_DATA_MAPPED_LIMIT")
-        self._read = 0
+        self._base = resident_file_bytes()
 
     def read(self, index: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         features = {name: self._gather(name, index) for name in self._names}
         target = self._gather(self._label, index) if self._label is not None else None
-        if self._limit and self._read >= self._limit:
+        if self._limit and self._base is not None and resident_file_bytes() - self._base > self._limit:
             self.release()
         return features, target
 
     def _gather(self, name: str, index: np.ndarray) -> np.ndarray:
         batch = _as_numpy(_take(self._shard._values(name), index))
-        # Scattered rows fault in at least a page each, whatever their size.
-        self._read += len(index) * mmap.PAGESIZE + (batch.nbytes if batch.dtype != object else 0)
         shape = self._shapes.get(name)
         return batch.reshape(len(index), *shape) if shape else batch
 
     def release(self) -> None:
         if self._shard._file is not None:
             self._shard._file.release()
-        self._read = 0
+        self._base = resident_file_bytes()
+
+    def advise(self, shuffled: bool) -> None:
+        if self._shard._file is not None:
+            self._shard._file.advise(shuffled)
