@@ -14,7 +14,7 @@ import itertools
 import mmap
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,9 @@ from ._steps import steps_per_epoch as _steps_per_epoch
 from .spill import LAYOUT_FILE, DataLayout, dataset_file, release_pages
 
 DATA_DIR_VAR = "RINGTRAIN_DATA_DIR"
+
+# to_tf_dataset gathers about this many bytes of batches per call into numpy.
+READ_BYTES = 4 << 20
 
 _opened: dict[tuple[str, str, int], Shard] = {}
 _opened_lock = threading.Lock()
@@ -187,29 +190,40 @@ class Shard:
         shapes = self._check_shapes(shapes or {})
         import tensorflow as tf  # after the checks: bad arguments fail without loading TF
 
-        batches = _BatchReader(self, names, label, shapes)
+        read = names + ([label] if label is not None else [])
+        specs = [self._spec(name, batch_size, shapes) for name in read]
+        batches = _BatchReader(self, read, shapes, _EpochOrders(self, steps, batch_size, shuffle, seed))
         epochs = itertools.count()
-        rows = steps * batch_size
 
-        def generate() -> Iterator[Any]:
-            order = epoch_order(
-                self.num_rows, rows, shuffle=shuffle, seed=seed, rank=self.rank, epoch=next(epochs)
+        def structure(*tensors):
+            tensors = [tf.ensure_shape(t, spec.shape) for t, spec in zip(tensors, specs, strict=True)]
+            features = dict(zip(names, tensors, strict=False))
+            out = features[names[0]] if single else features
+            return out if label is None else (out, tensors[-1])
+
+        # Each pass draws its epoch number first and hands it to every read, so the passes
+        # of a repeated dataset never share an order. Then each numpy call gathers a group
+        # of consecutive batches (about READ_BYTES), which TF slices apart: Python runs once
+        # per group rather than once per batch, as from_generator would.
+        group = max(1, min(steps, READ_BYTES // max(1, self._row_bytes(read) * batch_size)))
+        groups = -(-steps // group)
+        epoch = tf.data.Dataset.from_tensors(np.int64(0)).map(
+            lambda _: tf.numpy_function(lambda: np.int64(next(epochs)), [], tf.int64, stateful=True)
+        )
+        group_numbers = tf.data.Dataset.range(groups)
+        dataset = epoch.flat_map(lambda e: group_numbers.map(lambda g: (e, g)))
+        dataset = dataset.map(
+            lambda e, g: tuple(
+                tf.numpy_function(
+                    lambda e, g: batches.read(e, g, group),
+                    [e, g],
+                    [spec.dtype for spec in specs],
+                    stateful=True,
+                )
             )
-            batches.advise(shuffle)
-            for step in range(steps):
-                index = order[step * batch_size : (step + 1) * batch_size]
-                if shuffle:
-                    index = np.sort(index)  # same rows, read in file order
-                features, target = batches.read(index)
-                feature_out = features[names[0]] if single else features
-                yield feature_out if label is None else (feature_out, target)
-            batches.release()
-
-        feature_specs = {n: self._spec(n, batch_size, shapes) for n in names}
-        signature: Any = feature_specs[names[0]] if single else feature_specs
-        if label is not None:
-            signature = (signature, self._spec(label, batch_size, shapes))
-        dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
+        )
+        dataset = dataset.flat_map(lambda *arrays: tf.data.Dataset.from_tensor_slices(arrays))
+        dataset = dataset.map(structure)
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(steps))
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
@@ -270,6 +284,17 @@ class Shard:
                 )
             checked[name] = shape
         return checked
+
+    def _row_bytes(self, names: list[str]) -> int:
+        """Bytes a row of ``names`` takes in a batch (strings and binary counted as 64)."""
+        total = 0
+        for name in names:
+            info = self._info[name]
+            if info.kind in ("string", "binary"):
+                total += 64
+            else:
+                total += np.dtype(info.dtype).itemsize * max(1, info.width)
+        return total
 
     def _spec(self, name: str, batch_size: int, shapes: dict[str, tuple[int, ...]]):
         import tensorflow as tf
@@ -365,35 +390,68 @@ def resident_file_bytes() -> int | None:
     return shared_pages * mmap.PAGESIZE
 
 
+class _EpochOrders:
+    """Each epoch's rows, as a (steps, batch_size) array of indices, drawn on first use."""
+
+    def __init__(self, shard: Shard, steps: int, batch_size: int, shuffle: bool, seed: int):
+        self._shard = shard
+        self._shape = (steps, batch_size)
+        self._shuffle = shuffle
+        self._seed = seed
+        self._orders: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def get(self, epoch: int) -> np.ndarray:
+        with self._lock:
+            if epoch not in self._orders:
+                rows = epoch_order(
+                    self._shard.num_rows,
+                    self._shape[0] * self._shape[1],
+                    shuffle=self._shuffle,
+                    seed=self._seed,
+                    rank=self._shard.rank,
+                    epoch=epoch,
+                ).reshape(self._shape)
+                if self._shuffle:
+                    rows.sort(axis=1)  # the same rows per batch, read in file order
+                    if self._shard._file is not None:
+                        self._shard._file.advise(shuffled=True)
+                elif self._shard._file is not None:
+                    self._shard._file.advise(shuffled=False)
+                for old in [e for e in self._orders if e < epoch - 1]:
+                    del self._orders[old]
+                self._orders[epoch] = rows
+            return self._orders[epoch]
+
+
 class _BatchReader:
     """Gathers batches of rows; hands the mapped pages back once RINGTRAIN_DATA_MAPPED_LIMIT
     bytes of them are resident."""
 
-    def __init__(self, shard: Shard, names: list[str], label: str | None, shapes: dict[str, tuple[int, ...]]):
+    def __init__(
+        self, shard: Shard, names: list[str], shapes: dict[str, tuple[int, ...]], orders: _EpochOrders
+    ):
         self._shard = shard
         self._names = names
-        self._label = label
         self._shapes = shapes
+        self._orders = orders
         self._limit = env.get("RINGTRAIN_DATA_MAPPED_LIMIT")
         self._base = resident_file_bytes()
 
-    def read(self, index: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-        features = {name: self._gather(name, index) for name in self._names}
-        target = self._gather(self._label, index) if self._label is not None else None
+    def read(self, epoch, group, size: int) -> list[np.ndarray]:
+        """Batches ``group * size`` onwards (at most ``size``) of ``epoch``, each column shaped
+        (batches, batch_size, ...); called by tf.data with numpy scalars."""
+        index = self._orders.get(int(epoch))[int(group) * size : (int(group) + 1) * size]
+        arrays = [self._gather(name, index) for name in self._names]
         if self._limit and self._base is not None and resident_file_bytes() - self._base > self._limit:
             self.release()
-        return features, target
+        return arrays
 
     def _gather(self, name: str, index: np.ndarray) -> np.ndarray:
-        batch = _as_numpy(_take(self._shard._values(name), index))
-        shape = self._shapes.get(name)
-        return batch.reshape(len(index), *shape) if shape else batch
+        rows = _as_numpy(_take(self._shard._values(name), index.ravel()))
+        return rows.reshape(*index.shape, *self._shapes.get(name, rows.shape[1:]))
 
     def release(self) -> None:
         if self._shard._file is not None:
             self._shard._file.release()
         self._base = resident_file_bytes()
-
-    def advise(self, shuffled: bool) -> None:
-        if self._shard._file is not None:
-            self._shard._file.advise(shuffled)
