@@ -58,7 +58,7 @@ def _frame(spark, rows: int, width: int, partitions: int):
     """``rows`` rows of ``width`` pseudo-random float32s (from Spark's hash) and an int label."""
     from pyspark.sql import functions as F
 
-    features = F.expr(f"transform(sequence(0, {width - 1}), i -> CAST(hash(id, i) AS FLOAT) / 2147483648.0)")
+    features = F.expr(f"transform(sequence(0, {width - 1}), i -> CAST(hash(id, i) / 2147483648.0 AS FLOAT))")
     return spark.range(0, rows, 1, partitions).select(
         features.alias("features"), (F.col("id") % 10).cast("int").alias("label")
     )
@@ -219,6 +219,8 @@ def side_ringtrain(args) -> dict:
         spark.stop()
         spark = None
         stored = sum(f.stat().st_size for f in root.rglob("*.arrow"))
+        if stored > 1.1 * args.rows * (4 * args.width + 4):
+            raise RuntimeError(f"stored {stored} bytes for {args.rows} rows: the features are not float32")
         readers = _run_readers(
             lambda r: [
                 sys.executable,
