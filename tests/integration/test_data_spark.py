@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from data_jobs import sized_frame, spill_prepared
@@ -127,3 +132,14 @@ def test_arrays_of_different_lengths_in_different_partitions_are_named(spark, tm
         spill_prepared(prepare(df, 1), tmp_path)
     err = data_error_from(raised.value)
     assert err is not None and "column 'x' of dataset 'train' holds arrays of different lengths" in str(err)
+
+
+def test_prepare_and_a_barrier_spill_work_over_spark_connect(tmp_path):
+    pytest.importorskip("grpc_status", reason="needs pyspark's Connect client extras (ringtrain[connect])")
+    helpers = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "helpers")
+    cmd = [sys.executable, os.path.join(helpers, "data_connect.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"rows": [500, 500], "val_rows": result["val_rows"], "ids_ok": True, "steps": [15, 15]}
+    assert sum(result["val_rows"]) == 5
