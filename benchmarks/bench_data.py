@@ -79,8 +79,16 @@ def _session(tasks: int, width: int):
     return spark
 
 
-def _run_readers(argv_for_rank, tasks: int, env: dict) -> list[dict]:
+def _reader_argv(kind: str, rank: int, args, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "benchmarks.bench_data", "--read", kind, "--rank", str(rank),
+        "--tasks", str(args.tasks), "--batch", str(args.batch), "--width", str(args.width), *extra,
+    ]  # fmt: skip
+
+
+def _run_readers(argv_for_rank, tasks: int) -> list[dict]:
     """Start one reader process per rank at once; return their JSON reports."""
+    env = _reader_env()
     procs = [
         subprocess.Popen(argv_for_rank(r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         for r in range(tasks)
@@ -222,21 +230,7 @@ def side_ringtrain(args) -> dict:
         if stored > 1.1 * args.rows * (4 * args.width + 4):
             raise RuntimeError(f"stored {stored} bytes for {args.rows} rows: the features are not float32")
         readers = _run_readers(
-            lambda r: [
-                sys.executable,
-                "-m",
-                "benchmarks.bench_data",
-                "--read",
-                "ringtrain",
-                "--dir",
-                str(root / f"task{r}"),
-                "--rank",
-                str(r),
-                "--batch",
-                str(args.batch),
-            ],
-            args.tasks,
-            _reader_env(),
+            lambda r: _reader_argv("ringtrain", r, args, "--dir", str(root / f"task{r}")), args.tasks
         )
         return {
             "side": "ringtrain",
@@ -271,23 +265,7 @@ def side_petastorm(args) -> dict:
         path = root / "converter.pkl"
         path.write_bytes(pickle.dumps(converter))
         readers = _run_readers(
-            lambda r: [
-                sys.executable,
-                "-m",
-                "benchmarks.bench_data",
-                "--read",
-                "petastorm",
-                "--converter",
-                str(path),
-                "--rank",
-                str(r),
-                "--tasks",
-                str(args.tasks),
-                "--batch",
-                str(args.batch),
-            ],
-            args.tasks,
-            _reader_env(),
+            lambda r: _reader_argv("petastorm", r, args, "--converter", str(path)), args.tasks
         )
         return {
             "side": "petastorm",

@@ -208,3 +208,15 @@ def test_blobs_stay_near_their_size_bound(tmp_path):
     # One blob's rows fill about blob_bytes; IPC framing adds a few hundred bytes.
     assert max(sizes) < 4096 + 1024 + 2 * row_bytes
     assert len(sizes) > 20
+
+
+def test_task_data_goes_under_the_spill_dir_else_sparks_local_dir(tmp_path, monkeypatch):
+    from ringtrain.data.spill import make_task_dir
+
+    monkeypatch.setenv("SPARK_LOCAL_DIRS", f"{tmp_path / 'spark-a'},{tmp_path / 'spark-b'}")
+    monkeypatch.delenv("RINGTRAIN_DATA_SPILL_DIR", raising=False)
+    first = make_task_dir(3)
+    assert first.parent == tmp_path / "spark-a" and first.name.startswith("ringtrain-data-p3-")
+    monkeypatch.setenv("RINGTRAIN_DATA_SPILL_DIR", str(tmp_path / "mine"))
+    second = make_task_dir(3)
+    assert second.parent == tmp_path / "mine" and second != first
