@@ -176,13 +176,16 @@ class Shard:
           for images stored as flat arrays of 784 numbers.
         - ``prefetch``: batches prepared ahead of the step (default: tf.data's autotuning).
 
-        Each batch is gathered from the memory-mapped file with one numpy call per
-        column, on tf.data's background thread. The dataset's auto-sharding is off: it is
-        this rank's data already. Under a ``tf.distribute`` strategy, ``fit`` takes the
-        batch of a plain dataset as the global one; use :meth:`to_distributed_dataset`.
+        Rows are gathered from the memory-mapped file by numpy, a group of batches (about
+        4 MiB) per call, on tf.data's background thread; no Python runs per row. The
+        dataset's auto-sharding is off: it is this rank's data already. Under a
+        ``tf.distribute`` strategy, ``fit`` takes the batch of a plain dataset as the
+        global one; use :meth:`to_distributed_dataset`.
         """
         steps = self.steps_per_epoch(batch_size)
         batch_size = check_batch_size(batch_size)
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+            raise DataError(f"seed must be a non-negative int, got {seed!r}")
         if label is not None:
             self._column_info(label)
         names = self._select(columns, exclude=label)
@@ -414,10 +417,8 @@ class _EpochOrders:
                 ).reshape(self._shape)
                 if self._shuffle:
                     rows.sort(axis=1)  # the same rows per batch, read in file order
-                    if self._shard._file is not None:
-                        self._shard._file.advise(shuffled=True)
-                elif self._shard._file is not None:
-                    self._shard._file.advise(shuffled=False)
+                if self._shard._file is not None:
+                    self._shard._file.advise(shuffled=self._shuffle)
                 for old in [e for e in self._orders if e < epoch - 1]:
                     del self._orders[old]
                 self._orders[epoch] = rows
