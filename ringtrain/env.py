@@ -120,8 +120,16 @@ VARS: dict[str, Var] = {
             "Spark's local directories (SPARK_LOCAL_DIRS), else the system temporary directory.",
         ),
         Var(
+            "RINGTRAIN_DATA_SHUFFLE_WINDOW",
+            "32M",
+            _byte_count,
+            "Shuffled shard reads visit blocks of about 1 MiB in random order and mix the rows of "
+            "this many bytes of blocks at a time, so reads stay sequential on disk; 0 shuffles "
+            "the whole shard uniformly (scattered reads: fast only while it sits in page cache).",
+        ),
+        Var(
             "RINGTRAIN_DATA_MAPPED_LIMIT",
-            "256M",
+            "64M",
             _byte_count,
             "A worker reading its shard hands the file's mapped pages back to the kernel once this "
             "many bytes of them are resident (K/M/G suffixes accepted), bounding its resident "

@@ -56,23 +56,61 @@ def steps_per_epoch(counts: Sequence[int], batch_size: int, dataset: str = "trai
 
 
 def epoch_order(
-    num_rows: int, rows_per_epoch: int, *, shuffle: bool, seed: int, rank: int, epoch: int
+    num_rows: int,
+    rows_per_epoch: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    rank: int,
+    epoch: int,
+    block_rows: int = 1,
+    window_blocks: int = 0,
 ) -> np.ndarray:
     """The ``rows_per_epoch`` row indices (into this rank's ``num_rows``) one epoch reads, in order.
 
     Without shuffling, rows are read in storage order, so the same rows are left out (or
-    repeated) every epoch. With it, each (seed, rank, epoch) gives its own permutation.
-    Indices take 4 bytes a row while they fit in int32.
+    repeated) every epoch. With it, each (seed, rank, epoch) gives its own order: with
+    ``window_blocks`` 0, or a window covering every row, a uniform permutation; otherwise
+    a block shuffle (see :func:`block_shuffle`). Indices take 4 bytes a row while they fit
+    in int32.
     """
     if num_rows < 1:
         raise ValueError("num_rows must be >= 1")
     dtype = np.int32 if num_rows <= np.iinfo(np.int32).max else np.int64
-    if shuffle:
-        rng = np.random.default_rng([seed, rank, epoch])
-        order = rng.permutation(np.arange(num_rows, dtype=dtype))
-    else:
+    if not shuffle:
         order = np.arange(num_rows, dtype=dtype)
+    else:
+        rng = np.random.default_rng([seed, rank, epoch])
+        if window_blocks < 1 or block_rows * window_blocks >= num_rows:
+            order = rng.permutation(np.arange(num_rows, dtype=dtype))
+        else:
+            order = block_shuffle(num_rows, block_rows, window_blocks, rng, dtype)
     if rows_per_epoch <= num_rows:
         return order[:rows_per_epoch]
     # Wrap around: repeat this rank's own rows, starting again from the epoch's first.
     return np.resize(order, rows_per_epoch)
+
+
+def block_shuffle(
+    num_rows: int, block_rows: int, window_blocks: int, rng: np.random.Generator, dtype=np.int64
+) -> np.ndarray:
+    """A permutation of ``num_rows`` that reads storage in runs of ``block_rows`` rows.
+
+    The blocks are visited in a random order; each window of ``window_blocks`` visited
+    blocks has its rows shuffled together. Every batch thus mixes rows from up to
+    ``window_blocks`` places spread over the whole shard, while a window's reads stay
+    within a few contiguous blocks, which a disk (and the kernel's read-ahead) serves
+    sequentially when the shard is larger than memory.
+    """
+    blocks = -(-num_rows // block_rows)
+    visit = rng.permutation(blocks)
+    within = np.arange(block_rows, dtype=dtype)
+    order = np.empty(num_rows, dtype=dtype)
+    filled = 0
+    for first in range(0, blocks, window_blocks):
+        rows = (visit[first : first + window_blocks, None].astype(dtype) * block_rows + within).ravel()
+        rows = rows[rows < num_rows]  # the last block may be short
+        rng.shuffle(rows)
+        order[filled : filled + len(rows)] = rows
+        filled += len(rows)
+    return order

@@ -31,6 +31,8 @@ DATA_DIR_VAR = "RINGTRAIN_DATA_DIR"
 
 # to_tf_dataset gathers about this many bytes of batches per call into numpy.
 READ_BYTES = 4 << 20
+# Shuffled passes visit the shard in blocks of about this many bytes (see _steps.block_shuffle).
+SHUFFLE_BLOCK_BYTES = 1 << 20
 
 _opened: dict[tuple[str, str, int], Shard] = {}
 _opened_lock = threading.Lock()
@@ -171,7 +173,9 @@ class Shard:
           gives that tensor alone; None means every column except ``label``.
         - ``label``: a column yielded second, as ``(features, label)``.
         - ``shuffle``: each pass (epoch) reads this rank's rows in a new random order drawn
-          from ``(seed, rank, epoch)``; without it, storage order.
+          from ``(seed, rank, epoch)``: blocks of about 1 MiB in random order, the rows of
+          each ``RINGTRAIN_DATA_SHUFFLE_WINDOW`` bytes of blocks mixed together (a uniform
+          shuffle for shards up to that size). Without it, storage order.
         - ``shapes``: per-row shapes for array columns, e.g. ``{"image": (28, 28, 1)}``
           for images stored as flat arrays of 784 numbers.
         - ``prefetch``: batches prepared ahead of the step (default: tf.data's autotuning).
@@ -195,7 +199,9 @@ class Shard:
 
         read = names + ([label] if label is not None else [])
         specs = [self._spec(name, batch_size, shapes) for name in read]
-        batches = _BatchReader(self, read, shapes, _EpochOrders(self, steps, batch_size, shuffle, seed))
+        row_bytes = self._row_bytes(read)
+        orders = _EpochOrders(self, steps, batch_size, shuffle, seed, row_bytes)
+        batches = _BatchReader(self, read, shapes, orders)
         epochs = itertools.count()
 
         def structure(*tensors):
@@ -208,7 +214,7 @@ class Shard:
         # of a repeated dataset never share an order. Then each numpy call gathers a group
         # of consecutive batches (about READ_BYTES), which TF slices apart: Python runs once
         # per group rather than once per batch, as from_generator would.
-        group = max(1, min(steps, READ_BYTES // max(1, self._row_bytes(read) * batch_size)))
+        group = max(1, min(steps, READ_BYTES // max(1, row_bytes * batch_size)))
         groups = -(-steps // group)
         epoch = tf.data.Dataset.from_tensors(np.int64(0)).map(
             lambda _: tf.numpy_function(lambda: np.int64(next(epochs)), [], tf.int64, stateful=True)
@@ -366,10 +372,10 @@ class _MappedFile:
     def release(self) -> None:
         release_pages(self._map)
 
-    def advise(self, shuffled: bool) -> None:
-        """Tell the kernel how the next pass reads: scattered rows fault in one page each,
-        without read-ahead; in order, read ahead generously."""
-        advice = "MADV_RANDOM" if shuffled else "MADV_SEQUENTIAL"
+    def advise(self, pattern: str) -> None:
+        """Tell the kernel how the next pass reads: ``random`` (rows scattered over the whole
+        file: no read-ahead), ``normal`` (blocks in random order) or ``sequential``."""
+        advice = {"random": "MADV_RANDOM", "normal": "MADV_NORMAL", "sequential": "MADV_SEQUENTIAL"}[pattern]
         if hasattr(mmap, advice):
             self._map.madvise(getattr(mmap, advice))
 
@@ -394,13 +400,23 @@ def resident_file_bytes() -> int | None:
 
 
 class _EpochOrders:
-    """Each epoch's rows, as a (steps, batch_size) array of indices, drawn on first use."""
+    """Each epoch's rows, as a (steps, batch_size) array of indices, drawn on first use.
 
-    def __init__(self, shard: Shard, steps: int, batch_size: int, shuffle: bool, seed: int):
+    Shuffled passes read blocks of about SHUFFLE_BLOCK_BYTES in random order and mix the
+    rows of RINGTRAIN_DATA_SHUFFLE_WINDOW bytes of blocks at a time (0: one uniform
+    permutation of the whole shard).
+    """
+
+    def __init__(self, shard: Shard, steps: int, batch_size: int, shuffle: bool, seed: int, row_bytes: int):
         self._shard = shard
         self._shape = (steps, batch_size)
         self._shuffle = shuffle
         self._seed = seed
+        self._block_rows = max(1, SHUFFLE_BLOCK_BYTES // max(1, row_bytes))
+        window = env.get("RINGTRAIN_DATA_SHUFFLE_WINDOW")
+        self._window_blocks = window // SHUFFLE_BLOCK_BYTES if window else 0
+        if window:
+            self._window_blocks = max(1, self._window_blocks)
         self._orders: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
 
@@ -414,11 +430,16 @@ class _EpochOrders:
                     seed=self._seed,
                     rank=self._shard.rank,
                     epoch=epoch,
+                    block_rows=self._block_rows,
+                    window_blocks=self._window_blocks,
                 ).reshape(self._shape)
                 if self._shuffle:
                     rows.sort(axis=1)  # the same rows per batch, read in file order
                 if self._shard._file is not None:
-                    self._shard._file.advise(shuffled=self._shuffle)
+                    scattered = self._shuffle and not self._window_blocks
+                    self._shard._file.advise(
+                        "random" if scattered else "normal" if self._shuffle else "sequential"
+                    )
                 for old in [e for e in self._orders if e < epoch - 1]:
                     del self._orders[old]
                 self._orders[epoch] = rows

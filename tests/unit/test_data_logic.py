@@ -74,10 +74,23 @@ def test_batch_size_must_be_a_positive_int(bad):
     seed=st.integers(0, 2**31),
     rank=st.integers(0, 64),
     epoch=st.integers(0, 100),
+    block_rows=st.integers(1, 50),
+    window_blocks=st.integers(0, 6),
 )
-def test_epoch_order_reads_each_row_once_then_wraps_around(num_rows, extra, shuffle, seed, rank, epoch):
+def test_epoch_order_reads_each_row_once_then_wraps_around(
+    num_rows, extra, shuffle, seed, rank, epoch, block_rows, window_blocks
+):
     rows = max(1, num_rows + extra)
-    order = _steps.epoch_order(num_rows, rows, shuffle=shuffle, seed=seed, rank=rank, epoch=epoch)
+    order = _steps.epoch_order(
+        num_rows,
+        rows,
+        shuffle=shuffle,
+        seed=seed,
+        rank=rank,
+        epoch=epoch,
+        block_rows=block_rows,
+        window_blocks=window_blocks,
+    )
     assert len(order) == rows
     assert order.min() >= 0 and order.max() < num_rows
     counts = np.bincount(order, minlength=num_rows)
@@ -88,6 +101,47 @@ def test_epoch_order_reads_each_row_once_then_wraps_around(num_rows, extra, shuf
         assert counts.min() >= 1 and counts.max() - counts.min() <= 1
     if not shuffle:
         assert np.array_equal(order[: min(rows, num_rows)], np.arange(min(rows, num_rows)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    num_rows=st.integers(1, 5000),
+    block_rows=st.integers(1, 64),
+    window_blocks=st.integers(1, 8),
+    seed=st.integers(0, 2**31),
+)
+def test_block_shuffle_is_a_permutation_whose_windows_hold_whole_blocks(
+    num_rows, block_rows, window_blocks, seed
+):
+    order = _steps.block_shuffle(num_rows, block_rows, window_blocks, np.random.default_rng(seed))
+    assert sorted(order) == list(range(num_rows))
+    sizes = {b: min(block_rows, num_rows - b * block_rows) for b in range(-(-num_rows // block_rows))}
+    # Walk the order window by window: each is whole blocks, window_blocks of them (fewer at the end).
+    position, left = 0, len(sizes)
+    while position < num_rows:
+        want, seen = min(window_blocks, left), {}
+        end = position
+        while not (len(seen) == want and all(seen[b] == sizes[b] for b in seen)):
+            block = int(order[end]) // block_rows
+            seen[block] = seen.get(block, 0) + 1
+            end += 1
+            assert len(seen) <= want, "a window mixes more blocks than it should"
+        position, left = end, left - want
+
+
+def test_block_shuffle_mixes_blocks_from_across_the_shard():
+    order = _steps.epoch_order(
+        100_000, 100_000, shuffle=True, seed=1, rank=0, epoch=0, block_rows=100, window_blocks=32
+    )
+    first_batch = np.sort(order[:256])
+    spread = len(set((first_batch // 100).tolist()))
+    assert spread > 16  # rows from many blocks, not a run of neighbours
+    assert first_batch.max() - first_batch.min() > 50_000  # blocks from far apart
+    # A window as large as the shard is a uniform permutation.
+    whole = _steps.epoch_order(
+        1000, 1000, shuffle=True, seed=1, rank=0, epoch=0, block_rows=10, window_blocks=100
+    )
+    assert np.array_equal(whole, np.random.default_rng([1, 0, 0]).permutation(1000))
 
 
 def test_epoch_order_is_reproducible_and_changes_with_epoch_and_rank():

@@ -198,6 +198,8 @@ def test_unknown_columns_and_bad_shapes_are_named(tmp_path):
     says = r"shapes\['x'\]=\(2, 2\) does not fit column 'x' \(array<float32>\[3\]\)"
     with pytest.raises(DataError, match=says):
         first.to_tf_dataset(4, columns="x", shapes={"x": (2, 2)})
+    with pytest.raises(DataError, match="seed must be a non-negative int, got -1"):
+        first.to_tf_dataset(4, seed=-1)
 
 
 def test_blobs_stay_near_their_size_bound(tmp_path):
