@@ -118,6 +118,28 @@ def _parquet_files(root: Path) -> int:
 # --------------------------------------------------------------------- readers
 
 
+class _PeakMemory:
+    """Samples this process's resident anonymous and file-backed memory every 20 ms."""
+
+    def __init__(self):
+        import threading
+
+        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            for field in self.peak:
+                self.peak[field] = max(self.peak[field], _status_kb(field))
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {f"peak_{k.lower()}_kb": v for k, v in self.peak.items()}
+
+
 def _import_tf():
     start = time.perf_counter()
     import tensorflow as tf
@@ -144,6 +166,8 @@ def read_ringtrain(directory: str, rank: int, batch: int) -> dict:
     from ringtrain.data.reader import Shard
 
     baseline = _status_kb("VmRSS")
+    before = {"anon_after_tf_kb": _status_kb("RssAnon"), "file_after_tf_kb": _status_kb("RssFile")}
+    sampler = _PeakMemory()
     start = time.perf_counter()
     shard = Shard.open(directory, "train", rank)
     open_s = time.perf_counter() - start
@@ -155,6 +179,7 @@ def read_ringtrain(directory: str, rank: int, batch: int) -> dict:
     report["shuffled"]["first_batch_s"] += open_s
     report["shuffled"]["seconds"] += open_s
     report["peak_rss_kb"] = _status_kb("VmHWM")
+    report.update(before, **sampler.stop())
     return report
 
 
@@ -166,6 +191,8 @@ def read_petastorm(converter_path: str, rank: int, tasks: int, batch: int) -> di
         converter = pickle.load(f)
     baseline = _status_kb("VmRSS")
     report = {"rank": rank, "tf_import_s": tf_import_s, "rss_after_tf_kb": baseline}
+    report.update(anon_after_tf_kb=_status_kb("RssAnon"), file_after_tf_kb=_status_kb("RssFile"))
+    sampler = _PeakMemory()
     start = time.perf_counter()
     with converter.make_tf_dataset(
         batch_size=batch, num_epochs=1, cur_shard=rank, shard_count=tasks
@@ -176,6 +203,7 @@ def read_petastorm(converter_path: str, rank: int, tasks: int, batch: int) -> di
     result["seconds"] += opened
     report["in_order"] = result
     report["peak_rss_kb"] = _status_kb("VmHWM")
+    report.update(sampler.stop())
     return report
 
 
@@ -298,6 +326,8 @@ def _summary(result: dict, data_bytes: int) -> dict:
         }
     out["peak_rss_mib"] = [r["peak_rss_kb"] / 1024 for r in result["readers"]]
     out["rss_rise_mib"] = [(r["peak_rss_kb"] - r["rss_after_tf_kb"]) / 1024 for r in result["readers"]]
+    out["anon_rise_mib"] = [(r["peak_rssanon_kb"] - r["anon_after_tf_kb"]) / 1024 for r in result["readers"]]
+    out["file_rise_mib"] = [(r["peak_rssfile_kb"] - r["file_after_tf_kb"]) / 1024 for r in result["readers"]]
     out["peak_rss_share_of_data"] = [r["peak_rss_kb"] * 1024 / data_bytes for r in result["readers"]]
     out["rss_rise_share_of_data"] = [
         (r["peak_rss_kb"] - r["rss_after_tf_kb"]) * 1024 / data_bytes for r in result["readers"]
