@@ -433,3 +433,16 @@ def write_layout(directory: str | Path, layout: DataLayout) -> Path:
     tmp.write_text(layout.to_json())
     os.replace(tmp, path)
     return path
+
+
+def settle_task(
+    directory: str | Path, gathered: Sequence[str], workers_per_task: Sequence[int]
+) -> DataLayout:
+    """After the exchange: every task's summary JSON (any order) in, this task's layout written.
+
+    ``workers_per_task`` follows partition order. Raises DataError (an empty dataset,
+    columns that differ between tasks) the same way on every task.
+    """
+    layout = build_layout([SpillSummary.from_json(text) for text in gathered], workers_per_task)
+    write_layout(directory, layout)
+    return layout

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from ringtrain.data.reader import Shard
-from ringtrain.data.spill import SpillSummary, build_layout, spill, write_layout
+from ringtrain.data.spill import SpillSummary, build_layout, settle_task, spill, write_layout
 
 ROWS_SCHEMA = "id long, x array<float>, label int, word string"
 
@@ -62,21 +62,24 @@ def sized_frame(spark, sizes: list[int], width: int | list[int] = 3):
 class SpillInto:
     """A stage function over the prepared input: each task spills its partition under ``root``."""
 
-    def __init__(self, root: str, names: list[str], barrier: bool = False):
+    def __init__(self, root: str, names: list[str], barrier: bool = False, workers_per_task: int = 1):
         self.root = root
         self.names = names
         self.barrier = barrier
+        self.workers_per_task = workers_per_task
 
     def __call__(self, batches):
         from pyspark import BarrierTaskContext, TaskContext
 
         ctx = BarrierTaskContext.get() if self.barrier else TaskContext.get()
         part = ctx.partitionId()
-        summary = spill(batches, Path(self.root, f"task{part}"), part, self.names)
+        directory = Path(self.root, f"task{part}")
+        summary = spill(batches, directory, part, self.names)
         if self.barrier:
             # The one exchange of a real job: every task learns every task's counts.
-            everyone = [SpillSummary.from_json(s) for s in ctx.allGather(summary.to_json())]
-            assert sorted(s.partition for s in everyone) == list(range(len(everyone)))
+            gathered = ctx.allGather(summary.to_json())
+            layout = settle_task(directory, gathered, [self.workers_per_task] * len(gathered))
+            assert [r.partition for r in layout.ranks] == sorted(r.partition for r in layout.ranks)
         yield pa.RecordBatch.from_pydict(
             {"partition": pa.array([part], pa.int32()), "summary": [summary.to_json()]}
         )
@@ -84,7 +87,7 @@ class SpillInto:
 
 def spill_prepared(prepared, root: str | Path, workers_per_task: int = 1, barrier: bool = False):
     """Run the prepared input through a spilling stage; return each rank's Shard of every dataset."""
-    stage = SpillInto(str(root), list(prepared.names), barrier)
+    stage = SpillInto(str(root), list(prepared.names), barrier, workers_per_task)
     rows = prepared.input_df.mapInArrow(stage, "partition int, summary string", barrier=barrier).collect()
     summaries = [SpillSummary.from_json(r.summary) for r in rows]
     assert sorted(r.partition for r in rows) == list(range(prepared.num_tasks))

@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from ringtrain.data.prepare import BlobEncoder
 from ringtrain.data.reader import Shard
-from ringtrain.data.spill import SpillSummary, build_layout, spill, write_layout
+from ringtrain.data.spill import settle_task, spill
 
 
 def source_batch(first: int, n: int) -> pa.RecordBatch:
@@ -44,8 +44,9 @@ def store(tmp_path, partitions, tasks, workers=1, blob_bytes=2048, names=("train
         directory = tmp_path / f"task{task}"
         summaries.append(spill(mine.to_batches(max_chunksize=7), directory, task, list(names)))
         dirs.append(directory)
-    layout = build_layout([SpillSummary.from_json(s.to_json()) for s in summaries], [workers] * tasks)
+    # What each task agent does after the exchange, with every task's summary as JSON.
+    gathered = [s.to_json() for s in reversed(summaries)]
     for directory in dirs:
-        write_layout(directory, layout)
+        layout = settle_task(directory, gathered, [workers] * tasks)
     ranks = [Shard.open(dirs[r.partition], names[0], r.rank) for r in layout.ranks]
     return ranks, dirs
