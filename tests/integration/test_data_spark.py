@@ -141,5 +141,7 @@ def test_prepare_and_a_barrier_spill_work_over_spark_connect(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=dict(os.environ))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    null_error = result.pop("null_error")
     assert result == {"rows": [500, 500], "val_rows": result["val_rows"], "ids_ok": True, "steps": [15, 15]}
     assert sum(result["val_rows"]) == 5
+    assert "column 'y' has null values (dataset 'train', Spark partition" in null_error
