@@ -10,7 +10,7 @@ def train():
 ringtrain.run(train, num_proc=2)
 """
 
-from . import keras, tf
+from . import data, keras, tf
 from .api import run
 from .collectives import (
     Average,
@@ -35,6 +35,7 @@ from .errors import (
     BackendError,
     ChannelError,
     ConfigError,
+    DataError,
     InfrastructureError,
     JobTimeoutError,
     ResourceError,
@@ -60,6 +61,7 @@ __all__ = [
     "broadcast_variables",
     "cross_rank",
     "cross_size",
+    "data",
     "grouped_allreduce",
     "join",
     "keras",
@@ -67,6 +69,7 @@ __all__ = [
     "BackendError",
     "ChannelError",
     "ConfigError",
+    "DataError",
     "InfrastructureError",
     "JobTimeoutError",
     "ResourceError",

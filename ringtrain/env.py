@@ -100,6 +100,19 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+_BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _byte_count(text: str) -> int:
+    """Whole bytes, optionally with a binary K, M or G suffix: ``268435456``, ``256M``."""
+    stripped = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = stripped[-1:] if stripped[-1:] in _BYTE_UNITS else ""
+    number = stripped[: len(stripped) - len(unit)]
+    if not number.isdigit():
+        raise ValueError("must be a whole number of bytes, optionally with a K, M or G suffix")
+    return int(number) * _BYTE_UNITS[unit]
+
+
 def _flag(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -209,6 +222,30 @@ VARS: dict[str, Var] = {
             "step's gradient arrays reuse memory instead of page-faulting fresh mappings.",
             forward=True,
         ),
+        # The data path (ringtrain.data).
+        Var(
+            "RINGTRAIN_DATA_SPILL_DIR",
+            "",
+            str,
+            "Where task agents store their rows of the job's DataFrames; unset means the first of "
+            "Spark's local directories (SPARK_LOCAL_DIRS), else the system temporary directory.",
+        ),
+        Var(
+            "RINGTRAIN_DATA_SHUFFLE_WINDOW",
+            "32M",
+            _byte_count,
+            "Shuffled shard reads visit blocks of about 1 MiB in random order and mix the rows of "
+            "this many bytes of blocks at a time, so reads stay sequential on disk; 0 shuffles "
+            "the whole shard uniformly (scattered reads: fast only while it sits in page cache).",
+        ),
+        Var(
+            "RINGTRAIN_DATA_MAPPED_LIMIT",
+            "64M",
+            _byte_count,
+            "A worker reading its shard hands the file's mapped pages back to the kernel once this "
+            "many bytes of them are resident (K/M/G suffixes accepted), bounding its resident "
+            "memory; 0 never does.",
+        ),
         # Fused buffers: used by ringtrain.fusion in the workers; checked on the driver and
         # forwarded, so every rank buckets the same way.
         Var(
@@ -305,6 +342,7 @@ INTERNAL = {
     "RINGTRAIN_LOCAL_ENVS": "mpi backend: each local rank's placement, keyed by PMI rank",
     "RINGTRAIN_RESTART_COUNT": "which attempt this is: 0 first, then 1, 2, ... (ringtrain.restart_count())",
     "RINGTRAIN_RESULTS": "whose return values travel to the driver: all, none, or a comma list of ranks",
+    "RINGTRAIN_DATA_DIR": "the task's data directory (layout.json, one Arrow IPC file per dataset)",
 }
 
 

@@ -21,6 +21,11 @@ class ConfigError(RingtrainError, ValueError):
     """A bad argument, option or environment variable; the message names the fix."""
 
 
+class DataError(ConfigError):
+    """The data given to a job cannot be trained on as it is: a column type, an empty
+    DataFrame, an unknown shard name, a batch size larger than a rank's share."""
+
+
 class ResourceError(RingtrainError):
     """The cluster cannot supply what the job asked for (slots, GPUs)."""
 
