@@ -7,6 +7,7 @@ This table is the one place such a variable is named. Read values through
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,6 +43,63 @@ def _flag(text: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise ValueError("must be 1/0, true/false, yes/no or on/off")
+
+
+_SIZE_RE = re.compile(r"^(\d+)\s*(?:([kmgt])(?:i?b)?|b)?$", re.IGNORECASE)
+_SIZE_UNITS = {None: 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+SIZE_HINT = "use a whole number of bytes, optionally with a K, M or G suffix (e.g. 16777216 or 16M)"
+
+
+def byte_size(text: str) -> int:
+    """Parse ``"16M"``-style byte counts (binary units); ValueError on anything else."""
+    match = _SIZE_RE.match(text.strip())
+    if not match:
+        raise ValueError(f"not a byte count; {SIZE_HINT}")
+    unit = match.group(2).lower() if match.group(2) else None
+    return int(match.group(1)) * _SIZE_UNITS[unit]
+
+
+# Chosen by measurement (benchmarks/RESULTS.md, "Bucket size"): small buckets let the
+# reduction of the first gradients start during backprop and keep MPI's messages in the
+# size range where it is fastest; much below this, per-call costs dominate.
+DEFAULT_FUSION_THRESHOLD = "16M"
+DEFAULT_SHM_CHUNK = "1M"
+
+
+def _fusion_threshold(text: str) -> int:
+    return byte_size(text if text.strip() else DEFAULT_FUSION_THRESHOLD)
+
+
+def _fusion_impl(text: str) -> str:
+    value = text.strip().lower() or "auto"
+    if value not in ("auto", "native", "numpy"):
+        raise ValueError("use auto, native or numpy")
+    return value
+
+
+def _fusion_threads(text: str) -> int:
+    text = text.strip() or "1"
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError("use a whole number >= 1")
+    return int(text)
+
+
+def _fusion_shm(text: str) -> str:
+    value = text.strip().lower() or "auto"
+    if value in ("1", "on", "true", "yes"):
+        return "on"
+    if value in ("0", "off", "false", "no"):
+        return "off"
+    if value != "auto":
+        raise ValueError("use auto, on or off")
+    return value
+
+
+def _shm_chunk(text: str) -> int:
+    value = byte_size(text if text.strip() else DEFAULT_SHM_CHUNK)
+    if value < 4096:
+        raise ValueError("must be at least 4K")
+    return value
 
 
 VARS: dict[str, Var] = {
@@ -98,25 +156,42 @@ VARS: dict[str, Var] = {
             "1 makes workers keep freed blocks up to 32 MiB in the heap (glibc mallopt), so each "
             "step's gradient arrays reuse memory instead of page-faulting fresh mappings.",
         ),
-        # Fused buffers: parsed by ringtrain.fusion, which reads them at import.
+        # Fused buffers and collectives: read lazily, at the first collective, so a bad
+        # value never breaks `import ringtrain`; every rank must see the same values.
         Var(
             "RINGTRAIN_FUSION_THRESHOLD",
-            "128M",
-            str,
-            "Fused-buffer bucket size in bytes (K/M/G suffixes accepted); 0 puts every tensor alone.",
+            DEFAULT_FUSION_THRESHOLD,
+            _fusion_threshold,
+            "Fused-buffer bucket size in bytes (K/M/G suffixes accepted); 0 puts every tensor alone. "
+            "Tensors of at least 1 MiB skip the bucket and reduce straight into their output.",
         ),
         Var(
             "RINGTRAIN_FUSION_IMPL",
             "auto",
-            str,
+            _fusion_impl,
             "auto uses the native extension when built; numpy forces the twin; "
             "native requires the extension.",
         ),
         Var(
             "RINGTRAIN_FUSION_THREADS",
             "1",
-            str,
+            _fusion_threads,
             "Threads the native extension may use to pack or unpack one buffer.",
+        ),
+        Var(
+            "RINGTRAIN_FUSION_SHM",
+            "auto",
+            _fusion_shm,
+            "auto reduces through one POSIX shared-memory segment per host (MPI only between hosts) "
+            "when the native extension is built; off always uses MPI; on is auto that fails "
+            "instead of falling back to MPI.",
+        ),
+        Var(
+            "RINGTRAIN_FUSION_SHM_CHUNK",
+            DEFAULT_SHM_CHUNK,
+            _shm_chunk,
+            "Bytes each rank stages per step of the shared-memory allreduce (K/M suffixes; >= 4K). "
+            "Small enough to stay in the cache, large enough to amortise the two barriers per step.",
         ),
         # Read by `ringtrain launch` only, as defaults for its flags; a flag beats its variable.
         Var(
@@ -166,6 +241,8 @@ INTERNAL = {
     "RINGTRAIN_WORKDIR": "the worker's private directory (payload, result, error files)",
     "RINGTRAIN_PARENT_PID": "the agent's pid, checked when the worker asks to die with its parent",
     "RINGTRAIN_LOCAL_ENVS": "mpi backend: each local rank's placement, keyed by PMI rank",
+    "RINGTRAIN_SHM_HOST_KEY": "tests: replaces this rank's host identity for the shared-memory allreduce, "
+    "so one machine can pose as several hosts",
 }
 
 

@@ -361,8 +361,8 @@ def test_plan_buckets_examples():
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        (None, 134217728),
-        ("", 134217728),
+        (None, fusion.DEFAULT_FUSION_THRESHOLD),
+        ("", fusion.DEFAULT_FUSION_THRESHOLD),
         ("0", 0),
         ("1048576", 1 << 20),
         ("64M", 64 << 20),
