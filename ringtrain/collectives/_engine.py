@@ -140,9 +140,10 @@ class _Outputs:
 
     _FREE = _holders([np.empty(0)])  # count of an array held only by one list
 
-    def __init__(self, limit: int = 32) -> None:
+    def __init__(self, limit: int = 32, max_bytes: int = 1 << 30) -> None:
         self._cache: collections.OrderedDict[Any, list[np.ndarray]] = collections.OrderedDict()
         self._limit = limit
+        self._max_bytes = max_bytes  # beyond it the least recently used sets are dropped
         self.reused = 0
 
     def get(self, key: Any, specs: Sequence[tuple[tuple[int, ...], np.dtype]]) -> list[np.ndarray]:
@@ -154,8 +155,10 @@ class _Outputs:
         fresh = [np.empty(shape, dtype=dtype) for shape, dtype in specs]
         self._cache[key] = fresh
         self._cache.move_to_end(key)
-        while len(self._cache) > self._limit:
-            self._cache.popitem(last=False)
+        held = sum(a.nbytes for arrays in self._cache.values() for a in arrays)
+        while len(self._cache) > 1 and (len(self._cache) > self._limit or held > self._max_bytes):
+            _, dropped = self._cache.popitem(last=False)
+            held -= sum(a.nbytes for a in dropped)
         return list(fresh)
 
     def clear(self) -> None:
