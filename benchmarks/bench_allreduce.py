@@ -15,8 +15,9 @@ highest repeat median.
 * ``fused_sum``: the same with ``op=Sum`` (what the raw rows compute);
 * ``fused_mpi`` / ``fused_mpi_sum``: the MPI path (shared memory off): large tensors
   straight from input to output, small ones in 16 MiB buckets, MPI on the
-  communication thread one bucket ahead of packing and unpacking;
-* ``fused_mpi_serial``: the MPI path with every call in the caller (no pipelining);
+  communication thread one bucket ahead of packing and unpacking (pipelined);
+* ``fused_mpi_serial``: the MPI path with every call in the caller (no pipelining,
+  the default when a rank has fewer than two CPUs of its own);
 * ``per_tensor``: ``ringtrain.allreduce`` once per tensor (a signature check each).
 
 Bus bandwidth follows nccl-tests: busbw = algbw * 2(n-1)/n, algbw = bytes / time.
@@ -148,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per row and repeat (20)")
     parser.add_argument("--repeats", type=int, default=3, help="times every row is measured (3)")
     parser.add_argument("--rows", help="comma-separated subset of rows to run")
+    parser.add_argument(
+        "--thresholds",
+        help="also time the MPI path with these bucket sizes, e.g. 1M,4M,16M,64M,128M "
+        "(rows fused_mpi@SIZE; how RINGTRAIN_FUSION_THRESHOLD's default was chosen)",
+    )
     args = parser.parse_args(argv)
     if not inside_mpi():
         return relaunch("benchmarks.bench_allreduce", sys.argv[1:] if argv is None else argv, args.np)
@@ -177,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 return fn()
             finally:
-                _engine._host, _engine.PIPELINE = host, True
+                _engine._host, _engine.PIPELINE = host, None
 
         return run
 
@@ -208,6 +214,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.rows:
         wanted = args.rows.split(",")
         cases = {k: v for k, v in cases.items() if k in wanted}
+    for size_text in args.thresholds.split(",") if args.thresholds else []:
+
+        def with_threshold(text: str = size_text) -> object:
+            saved = os.environ.get(fusion.THRESHOLD_ENV)
+            os.environ[fusion.THRESHOLD_ENV] = text
+            try:
+                return on_path(False, True, fused())()
+            finally:
+                if saved is None:
+                    del os.environ[fusion.THRESHOLD_ENV]
+                else:
+                    os.environ[fusion.THRESHOLD_ENV] = saved
+
+        cases[f"fused_mpi@{size_text}"] = with_threshold
     samples: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(args.repeats):
         for name, fn in cases.items():

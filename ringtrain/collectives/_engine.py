@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import os
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -55,9 +56,12 @@ _MPI_OPS = {ReduceOp.Average: "SUM", ReduceOp.Sum: "SUM", ReduceOp.Min: "MIN", R
 _SHM_OPS = {ReduceOp.Average: "sum", ReduceOp.Sum: "sum", ReduceOp.Min: "min", ReduceOp.Max: "max"}
 _KINDS = {"float32": "f4", "float64": "f8", "float16": "f2", "bfloat16": "bf16", "int32": "i4", "int64": "i8"}
 
-PIPELINE = True
-"""Run the MPI path's calls on the communication thread; False runs them in the caller
-(benchmarks compare the two)."""
+PIPELINE: bool | None = None
+"""Run the MPI path's calls on the communication thread (True) or in the caller (False).
+
+None (default) decides at the first allreduce: pipelined when every rank of the host has
+at least two CPUs of its own. With one, the thread that packs and the one MPI spins in
+share a core, and measured here (2 ranks, 2 cores) pipelining made the reduction slower."""
 
 DIRECT_BYTES = 1 << 20
 """On the MPI path, contiguous tensors this large reduce straight into their output.
@@ -168,9 +172,10 @@ class _Outputs:
 OUTPUTS = _Outputs()
 
 # The job's shared-memory group: unset until the first allreduce decides, then a
-# HostGroup or None (MPI only).
+# HostGroup or None (MPI only); and whether the MPI path pipelines (see PIPELINE).
 _UNSET = object()
 _host: Any = _UNSET
+_auto_pipeline = False
 
 
 def comm_info() -> tuple[Any, int, int]:
@@ -186,6 +191,23 @@ def host_group() -> _shm.HostGroup | None:
 def _configure_stream(MPI: Any) -> None:
     if STREAM._threaded is None:
         STREAM.configure(MPI.Query_thread() >= MPI.THREAD_SERIALIZED)
+
+
+def _setup(comm: Any, MPI: Any) -> None:
+    """Decide the job's allreduce path, collectively, on the first allreduce."""
+    global _host, _auto_pipeline
+    _configure_stream(MPI)
+    found = _shm.layout(comm, MPI)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    _auto_pipeline = cpus >= 2 * found.local_size
+    logger.debug(
+        "allreduce: %s, %d rank(s) on this host, %d CPU(s) here, MPI path %s",
+        "shared memory" if found.group is not None else "MPI",
+        found.local_size,
+        cpus,
+        "pipelined" if _auto_pipeline else "not pipelined",
+    )
+    _host = found.group
 
 
 def check(comm: Any, call: Call, extra: int = 0) -> np.ndarray:
@@ -247,8 +269,7 @@ def _allreduce(
     for a in arrays:
         check_reducible(a.dtype.name, what)
     if _host is _UNSET:
-        _configure_stream(MPI)
-        _host = _shm.host_group(comm, MPI)  # collective, once: every rank is here now
+        _setup(comm, MPI)
     specs = [(tuple(int(d) for d in a.shape), a.dtype) for a in arrays]
     outs = OUTPUTS.get((what, tuple(specs)), specs)
     if not arrays:
@@ -262,7 +283,8 @@ def _allreduce(
         _allreduce_shm(_host, arrays, outs, op, size, rank, compression if summing else None)
     else:
         jobs = _mpi_jobs(MPI, comm, arrays, outs, op, size, compression if summing else None)
-        _run_jobs(jobs, pipelined and PIPELINE and STREAM.threaded)
+        pipelining = _auto_pipeline if PIPELINE is None else PIPELINE
+        _run_jobs(jobs, pipelined and pipelining and STREAM.threaded)
     return outs
 
 

@@ -1,6 +1,6 @@
 """Shared-memory allreduce: which ranks share a host, and the segment they reduce through.
 
-On the first allreduce every rank takes part in :func:`host_group`, which decides from
+On the first allreduce every rank takes part in :func:`layout`, which decides from
 the gathered facts (identical on every rank) whether the job reduces through shared
 memory: the native extension is built and ``RINGTRAIN_FUSION_SHM`` is not ``off`` on
 every rank, and the ranks of each host can map one POSIX shared-memory segment and see
@@ -23,6 +23,7 @@ import re
 import secrets
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -141,13 +142,22 @@ class HostGroup:
         self.group.close()
 
 
-def host_group(comm: Any, MPI: Any) -> HostGroup | None:
-    """Set up shared memory for this job, collectively (call on every rank at the same point).
+@dataclass(frozen=True)
+class Layout:
+    """How the job's ranks sit on hosts, and the shared-memory group if the job uses one."""
 
-    Returns None when the job reduces over MPI alone; raises BackendError on every rank
-    when ``RINGTRAIN_FUSION_SHM=on`` and shared memory cannot be used.
+    group: HostGroup | None
+    local_size: int  # ranks on this rank's host (1 when hosts cannot be told apart)
+    hosts: int
+
+
+def layout(comm: Any, MPI: Any) -> Layout:
+    """Find the hosts and set up shared memory, collectively (every rank at the same point).
+
+    The group is None when the job reduces over MPI alone; raises BackendError on every
+    rank when ``RINGTRAIN_FUSION_SHM=on`` and shared memory cannot be used.
     """
-    rank, size = comm.Get_rank(), comm.Get_size()
+    size = comm.Get_size()
     mode = env.get("RINGTRAIN_FUSION_SHM")
     chunk = env.get("RINGTRAIN_FUSION_SHM_CHUNK")
     native = fusion._native
@@ -158,10 +168,20 @@ def host_group(comm: Any, MPI: Any) -> HostGroup | None:
         why = "the native extension is not in use (or has no shared-memory support on this OS)"
     else:
         why = ""
-    key = host_key() if not why else None
+    key = host_key()
     if not why and key is None:
         why = f"{SHM_DIR} or the kernel's boot id cannot be read"
     facts = comm.allgather((why, mode, key, chunk))
+    keys = [k for _, _, k, _ in facts]
+    local_size = keys.count(key) if key is not None else 1
+    hosts = len(set(keys)) if None not in keys else size
+    return Layout(_group(comm, MPI, facts), local_size, hosts)
+
+
+def _group(comm: Any, MPI: Any, facts: list[tuple[str, str, str | None, int]]) -> HostGroup | None:
+    rank, size = comm.Get_rank(), comm.Get_size()
+    native = fusion._native
+    chunk = facts[rank][3]
 
     def give_up(reason: str) -> None:
         if any(m == "on" for _, m, _, _ in facts):

@@ -143,6 +143,24 @@ for i, t in enumerate(tensors):
     if not (np.array_equal(single, fused[i]) and np.array_equal(single, big[i])):
         failures.append(f"fused result {i} differs from the per-tensor one")
 
+# The MPI path gives the same results with its calls on the communication thread
+# (pipelined: the default where ranks have two or more CPUs each) and in the caller.
+mixed = tensors + [data(rank, np.float32, shape=(300_000,), salt=9)]
+saved_host, saved_pipeline = _engine._host, _engine.PIPELINE
+_engine._host = None
+try:
+    for pipeline in (True, False):
+        _engine.PIPELINE = pipeline
+        os.environ[fusion.THRESHOLD_ENV] = "64"
+        results = [r.copy() for r in rc.grouped_allreduce(mixed, op=rc.Average)]
+        del os.environ[fusion.THRESHOLD_ENV]
+        if pipeline:
+            pipelined = results
+        elif not all(np.array_equal(a, b) for a, b in zip(pipelined, results, strict=True)):
+            failures.append("pipelined and serial MPI paths differ")
+finally:
+    _engine._host, _engine.PIPELINE = saved_host, saved_pipeline
+
 # Shared memory and MPI give the same bits on random data (two ranks: one order per sum).
 if host is not None and size == 2:
     rng = np.random.default_rng(rank)
