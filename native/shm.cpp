@@ -665,6 +665,13 @@ class ShmGroup {
         }
     }
 
+    // Let Python's signal handlers run (main thread only): Ctrl-C or a handler that raises
+    // must end the wait, not be deferred until a peer that may never come arrives.
+    static void check_signals() {
+        py::gil_scoped_acquire acquire;
+        if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+    }
+
     void wait_for(int j, uint32_t target) {
         uint32_t* word = &state(j).phase;
         auto reached = [&](uint32_t v) { return static_cast<int32_t>(v - target) >= 0; };
@@ -699,6 +706,7 @@ class ShmGroup {
                                    ") died while local rank " + std::to_string(rank_) +
                                    " waited for it in a shared-memory allreduce");
                 }
+                check_signals();
                 next_check = now + kLivenessEvery;
             }
         }

@@ -221,3 +221,28 @@ def test_stale_segments_of_dead_creators_are_removed(tmp_path):
     removed = _shm.remove_stale_segments(str(tmp_path), min_age_s=60)
     assert removed == [n for n, gone in files.items() if gone]
     assert young.exists()
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_signal_handler_ends_a_wait_for_a_live_peer():
+    # A live peer that never arrives (its rank was interrupted elsewhere): Python's signal
+    # handlers still run within the liveness period, and the group is given up.
+    peers = Peers(2, ["hang"])
+
+    def handler(signum, frame):
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        start = time.monotonic()
+        with pytest.raises(Interrupted):
+            _allreduce(peers.group)
+        assert 0.25 <= time.monotonic() - start < 10
+        assert peers.group.broken
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        peers.kill()
