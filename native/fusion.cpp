@@ -60,15 +60,26 @@ unsigned thread_count(size_t total_dst_bytes) {
     return static_cast<unsigned>(std::max<size_t>(1, std::min<size_t>(cap, by_size)));
 }
 
+// Runs the kernel over [begin, end), then fences its non-temporal stores.
+void run_fenced(const std::vector<Segment>& segs, Kernel kernel, const Params& p, size_t src_unit,
+                size_t dst_unit, size_t begin, size_t end) {
+    run_range(segs, kernel, p, src_unit, dst_unit, begin, end);
+    stream_fence();
+}
+
 void run_segments(const std::vector<Segment>& segs, Kernel kernel, const Params& p, size_t src_unit,
                   size_t dst_unit, size_t total) {
     if (total == 0) {
         return;
     }
+    if (total * dst_unit >= kStreamBytes) {  // far beyond the cache: skip it
+        if (kernel == k_bytes) kernel = k_bytes_stream;
+        if (kernel == k_scale_f32) kernel = k_scale_f32_stream;
+    }
     py::gil_scoped_release release;
     const unsigned n = thread_count(total * dst_unit);
     if (n <= 1) {
-        run_range(segs, kernel, p, src_unit, dst_unit, 0, total);
+        run_fenced(segs, kernel, p, src_unit, dst_unit, 0, total);
         return;
     }
     // Equal element ranges, rounded to 64 elements so threads do not share
@@ -83,10 +94,10 @@ void run_segments(const std::vector<Segment>& segs, Kernel kernel, const Params&
     std::vector<std::thread> workers;
     workers.reserve(n - 1);
     for (unsigned t = 1; t < n; ++t) {
-        workers.emplace_back(run_range, std::cref(segs), kernel, std::cref(p), src_unit, dst_unit, bounds[t],
+        workers.emplace_back(run_fenced, std::cref(segs), kernel, std::cref(p), src_unit, dst_unit, bounds[t],
                              bounds[t + 1]);
     }
-    run_range(segs, kernel, p, src_unit, dst_unit, bounds[0], bounds[1]);
+    run_fenced(segs, kernel, p, src_unit, dst_unit, bounds[0], bounds[1]);
     for (auto& w : workers) {
         w.join();
     }

@@ -15,7 +15,50 @@
 
 #include "convert.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace ringtrain {
+
+// Buffers at least this large are written with non-temporal stores (below).
+constexpr size_t kStreamBytes = size_t(16) << 20;
+
+// Copies and scales with non-temporal stores: outputs far larger than the cache are
+// written without first reading each line in, a third less memory traffic than cached
+// stores. glibc's memcpy does this only for single copies of many MiB, not for the
+// tensor-sized pieces of a fused buffer. Values are the same as the plain loops'.
+// Callers issue stream_fence() before other threads or processes read the output.
+inline void stream_fence() {
+#if defined(__SSE2__)
+    _mm_sfence();
+#endif
+}
+
+inline void stream_copy(const char* src, char* dst, size_t bytes) {
+#if defined(__SSE2__)
+    if (bytes < 256 || src == dst) {
+        if (src != dst) std::memcpy(dst, src, bytes);
+        return;
+    }
+    const size_t head = (16 - (reinterpret_cast<uintptr_t>(dst) & 15)) & 15;
+    std::memcpy(dst, src, head);
+    size_t i = head;
+    for (; i + 64 <= bytes; i += 64) {
+        const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 16));
+        const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 32));
+        const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 48));
+        _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), a);
+        _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 16), b);
+        _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 32), c);
+        _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 48), d);
+    }
+    std::memcpy(dst + i, src + i, bytes - i);
+#else
+    if (src != dst) std::memcpy(dst, src, bytes);
+#endif
+}
 
 struct Params {
     float scale32 = 1.0f;
@@ -38,6 +81,10 @@ inline void k_bytes(const char* src, char* dst, size_t count, const Params&) {
     if (src != dst) std::memcpy(dst, src, count);
 }
 
+inline void k_bytes_stream(const char* src, char* dst, size_t count, const Params&) {
+    stream_copy(src, dst, count);
+}
+
 inline void k_scale_f32(const char* src, char* dst, size_t count, const Params& p) {
     const float* s = reinterpret_cast<const float*>(src);
     float* d = reinterpret_cast<float*>(dst);
@@ -45,6 +92,31 @@ inline void k_scale_f32(const char* src, char* dst, size_t count, const Params& 
     for (size_t i = 0; i < count; ++i) {
         d[i] = s[i] * k;
     }
+}
+
+// x * scale into 16-byte aligned non-temporal stores (float32: dst is 4-byte aligned,
+// so at most 3 leading elements go the plain way).
+inline void k_scale_f32_stream(const char* src, char* dst, size_t count, const Params& p) {
+#if defined(__SSE2__)
+    const float* s = reinterpret_cast<const float*>(src);
+    float* d = reinterpret_cast<float*>(dst);
+    const float k = p.scale32;
+    size_t i = 0;
+    while (i < count && (reinterpret_cast<uintptr_t>(d + i) & 15)) {
+        d[i] = s[i] * k;
+        ++i;
+    }
+    const __m128 kk = _mm_set1_ps(k);
+    for (; i + 8 <= count; i += 8) {
+        const __m128 a = _mm_mul_ps(_mm_loadu_ps(s + i), kk);
+        const __m128 b = _mm_mul_ps(_mm_loadu_ps(s + i + 4), kk);
+        _mm_stream_ps(d + i, a);
+        _mm_stream_ps(d + i + 4, b);
+    }
+    for (; i < count; ++i) d[i] = s[i] * k;
+#else
+    k_scale_f32(src, dst, count, p);
+#endif
 }
 
 inline void k_scale_f64(const char* src, char* dst, size_t count, const Params& p) {

@@ -9,20 +9,22 @@
 // futex word, the rank's pid and process start time), then 2 x size slots of
 // slot_bytes each.
 //
-// One allreduce streams the tensors through the slots, one chunk at a time:
-//   1. every rank packs its share of the chunk into its own slot, converting on the way
-//      (fp16/bf16 compression, or float16/bfloat16 widened to float32);
-//   2. barrier;
-//   3. rank r reduces slice r of the chunk over all slots, in rank order, into its own
-//      slot, with the averaging scale fused in when that gives the same bits as
-//      scaling afterwards;
-//   4. hierarchical jobs only: `cross` allreduces slice r with rank r of the other
-//      hosts (MPI, from Python);
-//   5. barrier;
-//   6. every rank copies all slices out of the slots into its outputs.
-// Consecutive chunks alternate between two sets of slots, so a fast rank may pack
-// chunk k+1 while a slower one still copies chunk k out. Chunks small enough to stay
-// in the cache keep the slots' traffic off the memory bus.
+// One allreduce streams the tensors through the slots, one chunk at a time. Every rank
+// first packs its share of the chunk into its own slot, converting on the way (fp16/bf16
+// compression, or float16/bfloat16 widened to float32), then:
+//   one-shot (2 ranks, or small chunks; one barrier per chunk):
+//     barrier; every rank reduces the whole chunk over all slots, in rank order, straight
+//     into its outputs, with the averaging scale and the output conversion fused in;
+//   two-step (more ranks, or hierarchical jobs; two barriers per chunk):
+//     barrier; rank r reduces slice r over all slots, in rank order, into its own slot;
+//     hierarchical jobs then allreduce slice r with rank r of the other hosts (`cross`,
+//     MPI from Python); barrier; every rank copies all slices out into its outputs.
+// With 2 ranks one-shot moves about the same bytes as two-step, with half the barriers;
+// with more, it reads every slot in full, so it serves only small chunks there.
+// Consecutive chunks alternate between two sets of slots, so a fast rank may pack chunk
+// k+1 while a slower one still reads chunk k. Every collective's first barrier also
+// compares the ranks' signatures (the cross-rank argument check), so a single-host job
+// needs no separate MPI call for it.
 //
 // Waits spin briefly, then sleep on the futex with a short timeout and check that the
 // awaited process is still alive (pid and start time, so a reused pid is not taken for
@@ -48,10 +50,6 @@
 
 #include "arrays.h"
 #include "kernels.h"
-
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
 
 #if defined(__linux__)
 #include <fcntl.h>
@@ -109,6 +107,11 @@ struct alignas(kLine) RankState {
     uint32_t attached;
     int64_t pid;
     uint64_t start_time;  // field 22 of /proc/<pid>/stat
+    // Signature and extra value of the collective whose first barrier is phase p, in slot
+    // p & 1: a rank writes the next one only after every rank passed the phase before, so
+    // no peer can still be reading the slot it overwrites.
+    int64_t sig[2];
+    int64_t extra[2];
 };
 
 size_t round_up(size_t n, size_t unit) { return (n + unit - 1) / unit * unit; }
@@ -211,6 +214,7 @@ inline T finish(T v, const Params& p) {
 }
 
 constexpr size_t kBlock = 1024;  // elements per block of the P > 2 loop (stays in L1)
+constexpr size_t kOneShotBytes = size_t(64) << 10;  // with more than 2 ranks, chunks up to this are one-shot
 
 template <typename T, typename Op, Post post>
 void reduce_typed(char* out_, const char* const* ins_, int P, size_t n, const Params& p) {
@@ -269,41 +273,11 @@ void k_copy(const char* src, char* dst, size_t count, const Params&) {
     if (src != dst) std::memcpy(dst, src, count * S);
 }
 
-// Copy with non-temporal stores: outputs far larger than the cache are written
-// without first reading each line in (a third less memory traffic than memcpy's
-// cached stores, which glibc only avoids for single copies of many MiB).
-void stream_copy(const char* src, char* dst, size_t bytes) {
-#if defined(__SSE2__)
-    size_t head = (16 - (reinterpret_cast<uintptr_t>(dst) & 15)) & 15;
-    if (bytes < 256 || src == dst) {
-        if (src != dst) std::memcpy(dst, src, bytes);
-        return;
-    }
-    std::memcpy(dst, src, head);
-    size_t i = head;
-    for (; i + 64 <= bytes; i += 64) {
-        const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 16));
-        const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 32));
-        const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 48));
-        _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), a);
-        _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 16), b);
-        _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 32), c);
-        _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 48), d);
-    }
-    std::memcpy(dst + i, src + i, bytes - i);
-#else
-    if (src != dst) std::memcpy(dst, src, bytes);
-#endif
-}
-
 template <size_t S>
 void k_stream(const char* src, char* dst, size_t count, const Params&) {
     stream_copy(src, dst, count * S);
 }
 
-// Outputs at least this large are written with non-temporal stores.
-constexpr size_t kStreamBytes = size_t(8) << 20;
 
 // How one allreduce moves its elements: pack into the slot, reduce, unpack out of it.
 struct Plan {
@@ -448,6 +422,7 @@ class ShmGroup {
             throw ShmSetupError("segment " + name + " does not match this rank's size or slot size");
         }
         data_ = base_ + data_offset;
+        ins_.resize(static_cast<size_t>(size));
         RankState& me = state(rank_);
         char st = '?';
         uint64_t start = 0;
@@ -498,9 +473,10 @@ class ShmGroup {
         }
     }
 
-    void allreduce(py::object self, const std::vector<py::array>& srcs, std::vector<py::array>& dsts,
+    // Returns false, having reduced nothing, when `signature` (if given) differs between ranks.
+    bool allreduce(py::object self, const std::vector<py::array>& srcs, std::vector<py::array>& dsts,
                    const std::string& kind, const std::string& op, const std::string& compress, double scale,
-                   int64_t divisor, py::object cross) {
+                   int64_t divisor, py::object cross, py::object signature) {
         require_open();
         if (broken_) throw PeerLost("the shared-memory group failed earlier; it cannot be used again");
         const bool hierarchical = !cross.is_none();
@@ -525,7 +501,11 @@ class ShmGroup {
             }
             total += count;
         }
-        if (total == 0) return;
+        const bool checked = !signature.is_none();
+        const int64_t sig = checked ? signature.cast<int64_t>() : 0;
+        if (total == 0) {  // nothing to move, but the ranks must still agree on the call
+            return checked ? exchange_agrees(sig) : true;
+        }
         const size_t capacity = slot_bytes_ / plan.wire_unit;
         Plan run = plan;
         if (total * plan.dst_unit >= kStreamBytes && stream_) {
@@ -533,19 +513,48 @@ class ShmGroup {
             if (run.unpack == k_copy<8>) run.unpack = k_stream<8>;
         }
 
+        const bool hierarchical_run = !cross.is_none();
         py::gil_scoped_release release;
         try {
             for (size_t start = 0; start < total; start += capacity) {
-                run_chunk(self, run, in, out, start, std::min(capacity, total - start), cross);
+                const size_t n = std::min(capacity, total - start);
+                const bool first = start == 0;
+                if (!run_chunk(self, run, in, out, start, n, cross, one_shot(n * plan.wire_unit, hierarchical_run),
+                               first && checked, sig)) {
+                    return false;  // signatures differ: every rank stops here, nothing reduced
+                }
             }
-#if defined(__SSE2__)
-            _mm_sfence();  // order the non-temporal stores before anything that follows
-#endif
+            stream_fence();  // order the non-temporal stores before anything that follows
         } catch (...) {
             abandon();
             throw;
         }
         ++calls_;
+        return true;
+    }
+
+    // Every rank publishes (signature, extra) at one barrier; returns the (size, 2) table.
+    py::array_t<int64_t> exchange(int64_t sig, int64_t extra) {
+        require_open();
+        if (broken_) throw PeerLost("the shared-memory group failed earlier; it cannot be used again");
+        const uint32_t target = phase_ + 1;
+        publish(target, sig, extra);
+        {
+            py::gil_scoped_release release;
+            try {
+                barrier();
+            } catch (...) {
+                abandon();
+                throw;
+            }
+        }
+        py::array_t<int64_t> table({static_cast<py::ssize_t>(size_), static_cast<py::ssize_t>(2)});
+        auto t = table.mutable_unchecked<2>();
+        for (int j = 0; j < size_; ++j) {
+            t(j, 0) = state(j).sig[target & 1];
+            t(j, 1) = state(j).extra[target & 1];
+        }
+        return table;
     }
 
     py::dict stats() const {
@@ -574,6 +583,13 @@ class ShmGroup {
     bool broken() const { return broken_; }
     bool streaming() const { return stream_; }
     void set_streaming(bool on) { stream_ = on; }
+    const std::string& algorithm() const { return algorithm_; }
+    void set_algorithm(const std::string& a) {
+        if (a != "auto" && a != "one_shot" && a != "two_step") {
+            throw std::invalid_argument("algorithm must be 'auto', 'one_shot' or 'two_step'");
+        }
+        algorithm_ = a;
+    }
     int spin_us() const { return spin_us_; }
     void set_spin_us(int us) { spin_us_ = std::max(0, us); }
 
@@ -608,8 +624,42 @@ class ShmGroup {
         *hi = std::min(n, *lo + q);
     }
 
-    void run_chunk(py::object& self, const Plan& plan, const std::vector<Piece>& in, const std::vector<Piece>& out,
-                   size_t start, size_t n, py::object& cross) {
+    bool one_shot(size_t chunk_bytes, bool hierarchical) const {
+        if (algorithm_ == "one_shot") return true;
+        if (algorithm_ == "two_step" || hierarchical) return false;
+        return size_ == 2 || chunk_bytes <= kOneShotBytes;
+    }
+
+    void publish(uint32_t target, int64_t sig, int64_t extra) {
+        RankState& me = state(rank_);
+        me.sig[target & 1] = sig;
+        me.extra[target & 1] = extra;
+    }
+
+    // After the barrier that reached `target`: did every rank publish `sig`?
+    bool agree(uint32_t target, int64_t sig) const {
+        for (int j = 0; j < size_; ++j) {
+            if (state(j).sig[target & 1] != sig) return false;
+        }
+        return true;
+    }
+
+    bool exchange_agrees(int64_t sig) {
+        const uint32_t target = phase_ + 1;
+        publish(target, sig, 0);
+        py::gil_scoped_release release;
+        try {
+            barrier();
+        } catch (...) {
+            abandon();
+            throw;
+        }
+        return agree(target, sig);
+    }
+
+    // One chunk; false when this is the checked first chunk and the signatures differ.
+    bool run_chunk(py::object& self, const Plan& plan, const std::vector<Piece>& in, const std::vector<Piece>& out,
+                   size_t start, size_t n, py::object& cross, bool one, bool checked, int64_t sig) {
         const size_t buffer = chunks_ & 1;
         char* mine = slot(buffer, rank_);
         auto t0 = Clock::now();
@@ -617,14 +667,26 @@ class ShmGroup {
             plan.pack(p.ptr + off * plan.src_unit, mine + (pos - start) * plan.wire_unit, cnt, plan.pack_p);
         });
         auto t1 = Clock::now();
+        const uint32_t target = phase_ + 1;
+        if (checked) publish(target, sig, 0);
         barrier();
+        if (checked && !agree(target, sig)) return false;
         auto t2 = Clock::now();
+        using S = std::chrono::duration<double>;
+        if (one) {
+            reduce_into_outputs(plan, out, buffer, start, n);
+            auto t3 = Clock::now();
+            ++chunks_;
+            pack_s_ += S(t1 - t0).count();
+            wait_s_ += S(t2 - t1).count();
+            reduce_s_ += S(t3 - t2).count();
+            return true;
+        }
         size_t lo, hi;
         slice(rank_, n, &lo, &hi);
         if (hi > lo) {
-            const char* ins[kMaxRanks];
-            for (int j = 0; j < size_; ++j) ins[j] = slot(buffer, j) + lo * plan.wire_unit;
-            plan.reduce(mine + lo * plan.wire_unit, ins, size_, hi - lo, plan.reduce_p);
+            for (int j = 0; j < size_; ++j) ins_[j] = slot(buffer, j) + lo * plan.wire_unit;
+            plan.reduce(mine + lo * plan.wire_unit, ins_.data(), size_, hi - lo, plan.reduce_p);
         }
         auto t3 = Clock::now();
         if (!cross.is_none() && hi > lo) {
@@ -646,12 +708,36 @@ class ShmGroup {
         }
         auto t6 = Clock::now();
         ++chunks_;
-        using S = std::chrono::duration<double>;
         pack_s_ += S(t1 - t0).count();
         wait_s_ += S(t2 - t1).count() + S(t5 - t4).count();
         reduce_s_ += S(t3 - t2).count();
         cross_s_ += S(t4 - t3).count();
         unpack_s_ += S(t6 - t5).count();
+        return true;
+    }
+
+    // One-shot: reduce the whole chunk over all slots straight into the outputs. Where the
+    // output needs no conversion the reduction writes it directly; otherwise a block at a
+    // time goes through a small buffer (in L1) and the output kernel.
+    void reduce_into_outputs(const Plan& plan, const std::vector<Piece>& out, size_t buffer, size_t start,
+                             size_t n) {
+        const bool direct = plan.unpack == k_copy<4> || plan.unpack == k_copy<8>;
+        alignas(64) char tmp[kBlock * 8];
+        for_pieces(out, start, start + n, [&](const Piece& p, size_t off, size_t pos, size_t cnt) {
+            const size_t at = (pos - start) * plan.wire_unit;
+            char* dst = p.ptr + off * plan.dst_unit;
+            if (direct) {
+                for (int j = 0; j < size_; ++j) ins_[j] = slot(buffer, j) + at;
+                plan.reduce(dst, ins_.data(), size_, cnt, plan.reduce_p);
+                return;
+            }
+            for (size_t b = 0; b < cnt; b += kBlock) {
+                const size_t m = std::min(kBlock, cnt - b);
+                for (int j = 0; j < size_; ++j) ins_[j] = slot(buffer, j) + at + b * plan.wire_unit;
+                plan.reduce(tmp, ins_.data(), size_, m, plan.reduce_p);
+                plan.unpack(tmp, dst + b * plan.dst_unit, m, plan.unpack_p);
+            }
+        });
     }
 
     // Arrive at the next phase and wait until every rank has.
@@ -724,6 +810,8 @@ class ShmGroup {
     bool broken_ = false;
     int spin_us_ = 50;
     bool stream_ = true;
+    std::string algorithm_ = "auto";
+    std::vector<const char*> ins_;  // the slots' addresses for one reduction
     uint64_t calls_ = 0, chunks_ = 0;
     double pack_s_ = 0, wait_s_ = 0, reduce_s_ = 0, cross_s_ = 0, unpack_s_ = 0;
 };
@@ -748,11 +836,14 @@ void register_shm(py::module_& m) {
             "allreduce",
             [](py::object self, const std::vector<py::array>& srcs, std::vector<py::array> dsts,
                const std::string& kind, const std::string& op, const std::string& compress, double scale,
-               int64_t divisor, py::object cross) {
-                self.cast<ShmGroup&>().allreduce(self, srcs, dsts, kind, op, compress, scale, divisor, cross);
+               int64_t divisor, py::object cross, py::object signature) {
+                return self.cast<ShmGroup&>().allreduce(self, srcs, dsts, kind, op, compress, scale, divisor,
+                                                        cross, signature);
             },
             py::arg("srcs"), py::arg("dsts"), py::arg("kind"), py::arg("op"), py::arg("compress") = "",
-            py::arg("scale") = 1.0, py::arg("divisor") = 1, py::arg("cross") = py::none())
+            py::arg("scale") = 1.0, py::arg("divisor") = 1, py::arg("cross") = py::none(),
+            py::arg("signature") = py::none())
+        .def("exchange", &ShmGroup::exchange, py::arg("signature"), py::arg("extra") = 0)
         .def("stats", &ShmGroup::stats)
         .def("reset_stats", &ShmGroup::reset_stats)
         .def("close", &ShmGroup::close_group)
@@ -761,6 +852,7 @@ void register_shm(py::module_& m) {
         .def_property_readonly("size", &ShmGroup::size)
         .def_property_readonly("slot_bytes", &ShmGroup::slot_bytes)
         .def_property_readonly("broken", &ShmGroup::broken)
+        .def_property("algorithm", &ShmGroup::algorithm, &ShmGroup::set_algorithm)
         .def_property("spin_us", &ShmGroup::spin_us, &ShmGroup::set_spin_us)
         .def_property("streaming", &ShmGroup::streaming, &ShmGroup::set_streaming);
 #else

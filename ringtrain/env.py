@@ -63,7 +63,7 @@ def byte_size(text: str) -> int:
 # reduction of the first gradients start during backprop and keep MPI's messages in the
 # size range where it is fastest; much below this, per-call costs dominate.
 DEFAULT_FUSION_THRESHOLD = "16M"
-DEFAULT_SHM_CHUNK = "1M"
+DEFAULT_SHM_CHUNK = "auto"
 
 
 def _fusion_threshold(text: str) -> int:
@@ -95,8 +95,10 @@ def _fusion_shm(text: str) -> str:
     return value
 
 
-def _shm_chunk(text: str) -> int:
-    value = byte_size(text if text.strip() else DEFAULT_SHM_CHUNK)
+def _shm_chunk(text: str) -> int | str:
+    if text.strip().lower() in ("", "auto"):
+        return "auto"
+    value = byte_size(text)
     if value < 4096:
         raise ValueError("must be at least 4K")
     return value
@@ -191,7 +193,8 @@ VARS: dict[str, Var] = {
             DEFAULT_SHM_CHUNK,
             _shm_chunk,
             "Bytes each rank stages per step of the shared-memory allreduce (K/M suffixes; >= 4K). "
-            "Small enough to stay in the cache, large enough to amortise the two barriers per step.",
+            "auto: 4M, less with more than 4 ranks per host, so the segment stays near 32 MiB "
+            "(never below 256K). Fewer, larger steps mean fewer barriers.",
         ),
         # Read by `ringtrain launch` only, as defaults for its flags; a flag beats its variable.
         Var(

@@ -210,19 +210,37 @@ def _setup(comm: Any, MPI: Any) -> None:
     _host = found.group
 
 
+def _single_host() -> _shm.HostGroup | None:
+    """The shared-memory group when it spans the whole job (one host), else None."""
+    host = _host
+    return host if host is not _UNSET and host is not None and not host.hierarchical else None
+
+
 def check(comm: Any, call: Call, extra: int = 0) -> np.ndarray:
     """Allgather ``[signature, extra]`` from every rank; raise on every rank if signatures differ.
 
     Returns the gathered ``(size, 2)`` int64 array (column 1 holds each rank's ``extra``).
+    On a single host with shared memory this is one barrier in the segment, not an MPI call.
     """
-    mine = np.array([signature(call), extra], dtype=np.int64)
-    gathered = np.empty((comm.Get_size(), 2), dtype=np.int64)
-    comm.Allgather(mine, gathered)
-    _count("Allgather")
-    if (gathered[:, 0] != mine[0]).any():
-        calls = comm.allgather(call)  # small metadata only, never tensor data
-        raise BackendError(mismatch_message(calls, comm.Get_rank()))
+    sig = signature(call)
+    host = _single_host()
+    if host is not None:
+        gathered = host.exchange(sig, extra, comm.Get_rank())
+        _count("shm_check")
+    else:
+        mine = np.array([sig, extra], dtype=np.int64)
+        gathered = np.empty((comm.Get_size(), 2), dtype=np.int64)
+        comm.Allgather(mine, gathered)
+        _count("Allgather")
+    if (gathered[:, 0] != sig).any():
+        mismatch(comm, call)
     return gathered
+
+
+def mismatch(comm: Any, call: Call) -> None:
+    """Every rank found that signatures differ: exchange the calls and raise the same error."""
+    calls = comm.allgather(call)  # small metadata only, never tensor data
+    raise BackendError(mismatch_message(calls, comm.Get_rank()))
 
 
 # ------------------------------------------------------------------ allreduce
@@ -258,16 +276,19 @@ def _allreduce(
     MPI: Any, arrays: Sequence[np.ndarray], op: ReduceOp, what: str, compression: str | None, pipelined: bool
 ) -> list[np.ndarray]:
     """The body of an allreduce; the caller holds the turn (or is the communication thread)."""
-    global _host
     comm, rank, size = comm_info()
-    # Validate only after the check: a rank that raised alone would leave the others hanging.
-    check(comm, Call(what, op_name(op), tuple(spec_of(a) for a in arrays)))
-    if not isinstance(op, ReduceOp):
-        raise ConfigError(f"{what}: op must be ringtrain.Average, Sum, Min or Max, got {op!r}")
-    if compression not in fusion.COMPRESSIONS:
-        raise ConfigError(f"{what}: compression={compression!r} is not supported; use None, 'fp16' or 'bf16'")
-    for a in arrays:
-        check_reducible(a.dtype.name, what)
+    # Compression is part of what must agree: ranks must move the same bytes.
+    label = op_name(op) if compression is None else f"{op_name(op)} with compression={compression!r}"
+    call = Call(what, label, tuple(spec_of(a) for a in arrays))
+    invalid = _invalid(arrays, op, what, compression)
+    # On a single host the shared-memory reduction checks the signatures at its first
+    # barrier; otherwise (and for invalid arguments, which must raise on every rank alike)
+    # the check comes first. A rank that raised alone would leave the others hanging.
+    folded = invalid is None and size > 1 and bool(arrays) and _single_host() is not None
+    if not folded:
+        check(comm, call)
+        if invalid is not None:
+            raise invalid
     if _host is _UNSET:
         _setup(comm, MPI)
     specs = [(tuple(int(d) for d in a.shape), a.dtype) for a in arrays]
@@ -280,12 +301,41 @@ def _allreduce(
         return outs
     summing = op in (ReduceOp.Sum, ReduceOp.Average)
     if _host is not None:
-        _allreduce_shm(_host, arrays, outs, op, size, rank, compression if summing else None)
+        agreed = _allreduce_shm(
+            _host,
+            arrays,
+            outs,
+            op,
+            size,
+            rank,
+            compression if summing else None,
+            signature(call) if folded else None,
+        )
+        if not agreed:
+            mismatch(comm, call)
     else:
         jobs = _mpi_jobs(MPI, comm, arrays, outs, op, size, compression if summing else None)
         pipelining = _auto_pipeline if PIPELINE is None else PIPELINE
         _run_jobs(jobs, pipelined and pipelining and STREAM.threaded)
     return outs
+
+
+def _invalid(
+    arrays: Sequence[np.ndarray], op: ReduceOp, what: str, compression: str | None
+) -> ConfigError | None:
+    """The error an allreduce's arguments call for, or None (raised only after the check)."""
+    if not isinstance(op, ReduceOp):
+        return ConfigError(f"{what}: op must be ringtrain.Average, Sum, Min or Max, got {op!r}")
+    if compression not in fusion.COMPRESSIONS:
+        return ConfigError(
+            f"{what}: compression={compression!r} is not supported; use None, 'fp16' or 'bf16'"
+        )
+    try:
+        for a in arrays:
+            check_reducible(a.dtype.name, what)
+    except ConfigError as exc:
+        return exc
+    return None
 
 
 def _allreduce_shm(
@@ -296,18 +346,21 @@ def _allreduce_shm(
     size: int,
     rank: int,
     compression: str | None,
-) -> None:
+    sig: int | None,
+) -> bool:
+    """One shared-memory reduction per dtype; ``sig`` rides on the first (False: mismatch)."""
     by_dtype: dict[np.dtype, list[int]] = {}
     for i, a in enumerate(arrays):
         by_dtype.setdefault(a.dtype, []).append(i)
-    for dtype, indices in by_dtype.items():
-        if not any(arrays[i].size for i in indices):
-            continue  # outputs of zero-size tensors need no data
+    groups = [(d, ix) for d, ix in by_dtype.items() if any(arrays[i].size for i in ix)]
+    if not groups:  # nothing to move (zero-size tensors only), but the check still happens
+        return sig is None or host.exchange(sig, 0, rank)[:, 0].tolist() == [sig] * host.group.size
+    for dtype, indices in groups:
         kind = _KINDS[dtype.name]
         average = op is ReduceOp.Average
         integer = kind in ("i4", "i8")
         compress = compression if (compression and kind == "f4") else ""
-        host.allreduce(
+        agreed = host.allreduce(
             [np.ascontiguousarray(arrays[i]) for i in indices],
             [outs[i] for i in indices],
             kind,
@@ -316,8 +369,13 @@ def _allreduce_shm(
             1.0 / size if average and not integer else 1.0,
             size if average and integer else 1,
             rank,
+            sig,
         )
+        if not agreed:
+            return False
+        sig = None  # checked once, at the first dtype's first barrier
         _count("shm")
+    return True
 
 
 # --------------------------------------------------------- the MPI path's jobs

@@ -22,7 +22,8 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,11 +112,28 @@ class HostGroup:
         scale: float,
         divisor: int,
         world_rank: int,
-    ) -> None:
-        """Reduce ``srcs`` into ``dsts`` (see native/shm.cpp); BackendError if a peer is lost."""
+        signature: int | None = None,
+    ) -> bool:
+        """Reduce ``srcs`` into ``dsts`` (see native/shm.cpp); BackendError if a peer is lost.
+
+        With ``signature`` (single host only), the first barrier also checks that every
+        rank passed the same one; False means they differ and nothing was reduced.
+        """
         cross = self._cross(op, compress) if self.cross_comm is not None else None
+        with self._peer_errors(world_rank):
+            return self.group.allreduce(
+                list(srcs), list(dsts), kind, op, compress, scale, divisor, cross, signature
+            )
+
+    def exchange(self, signature: int, extra: int, world_rank: int) -> np.ndarray:
+        """Every local rank's ``(signature, extra)``, as a (local size, 2) int64 array."""
+        with self._peer_errors(world_rank):
+            return self.group.exchange(signature, extra)
+
+    @contextmanager
+    def _peer_errors(self, world_rank: int) -> Iterator[None]:
         try:
-            self.group.allreduce(list(srcs), list(dsts), kind, op, compress, scale, divisor, cross)
+            yield
         except fusion._native.PeerLost as exc:
             text = _LOCAL_RANK_RE.sub(lambda m: f"rank {self.local_ranks[int(m.group(1))]}", str(exc))
             raise BackendError(
@@ -140,6 +158,20 @@ class HostGroup:
 
     def close(self) -> None:
         self.group.close()
+
+
+def auto_chunk(local_size: int) -> int:
+    """Bytes per rank per step: 4 MiB, less with more ranks, so 2 x ranks x chunk stays near 32 MiB.
+
+    Measured on 2 ranks (benchmarks/RESULTS.md): 4 MiB steps beat 1 MiB and 256 KiB ones,
+    because each step costs a barrier. The cap keeps the segment within small /dev/shm
+    mounts (64 MiB is a common container default).
+
+    >>> [auto_chunk(n) >> 10 for n in (2, 4, 8, 64, 256)]
+    [4096, 4096, 2048, 256, 256]
+    """
+    budget = 32 << 20
+    return max(256 << 10, min(4 << 20, budget // (2 * local_size) // 4096 * 4096))
 
 
 @dataclass(frozen=True)
@@ -211,6 +243,8 @@ def _group(comm: Any, MPI: Any, facts: list[tuple[str, str, str | None, int]]) -
     if local_size < 2:
         give_up("every host holds a single rank")
         return None
+    if chunk == "auto":
+        chunk = auto_chunk(local_size)
     host = hosts.index(keys[rank])
     local_ranks = members[host]
     local_rank = local_ranks.index(rank)

@@ -1,13 +1,16 @@
 """A peer process for tests of the native shared-memory group (no MPI involved).
 
-Usage: ``shm_peer.py NAME RANK SIZE SLOT_BYTES ACTION``. The peer attaches to segment
-NAME as local rank RANK, prints ``READY``, then:
+Usage: ``shm_peer.py NAME RANK SIZE SLOT_BYTES ACTION [ALGORITHM]``. The peer attaches to
+segment NAME as local rank RANK (using ALGORITHM: auto, one_shot or two_step), prints
+``READY``, then:
 
 * ``cases``: runs :data:`CASES` like the test process does, checks its own results
   against :func:`expected`, prints ``CASES OK`` or the failures, exits 0 or 1;
 * ``die``: exits at once (status 3) without taking part in any allreduce;
 * ``hang``: sleeps until killed;
-* ``abandon``: waits for a line on stdin, then gives up on the group.
+* ``abandon``: waits for a line on stdin, then gives up on the group;
+* ``mismatch``: one allreduce with signature 2 (the test process passes 1), then
+  ``exchange(5, 10 + RANK)``; prints what it saw.
 
 The test process (rank 0) creates the segment and runs the same cases, so every rank
 reduces the same sequence. Inputs depend only on (rank, case), so every rank computes
@@ -130,6 +133,7 @@ def main(argv: list[str]) -> int:
 
     name, rank, size, slot, action = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), argv[4]
     group = _native.ShmGroup(name, False, rank, size, slot)
+    group.algorithm = argv[5] if len(argv) > 5 else "auto"
     print("READY", flush=True)
     if action == "die":
         return 3
@@ -139,6 +143,12 @@ def main(argv: list[str]) -> int:
     if action == "abandon":
         sys.stdin.readline()
         group.abandon()
+        return 0
+    if action == "mismatch":
+        x = np.ones(100_000, np.float32)
+        agreed = group.allreduce([x], [np.empty_like(x)], "f4", "sum", signature=2)
+        table = group.exchange(5, 10 + rank)
+        print(f"AGREED {agreed} TABLE {table.tolist()}", flush=True)
         return 0
     failures = check_all(group, size)
     print("CASES OK" if not failures else "\n".join(failures), flush=True)

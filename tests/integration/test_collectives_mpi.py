@@ -95,6 +95,7 @@ def test_mismatch_raises_on_every_rank_without_hanging():
         )
     assert "rank 1 has shape (4,) float64 but rank 0 has (4,) float32" in out
     assert "rank 1 passes 3 tensors but rank 0 passes 2" in out
+    assert "rank 1 uses op Sum but rank 0 uses Sum with compression='fp16'" in out
 
 
 def test_dead_rank_ends_the_job_and_leaves_no_process():

@@ -48,12 +48,13 @@ def _listed(name: str) -> bool:
 class Peers:
     """Rank 0 here, ranks 1.. in helper processes, the segment unlinked once all attached."""
 
-    def __init__(self, size: int, actions: list[str], slot: int = SLOT) -> None:
+    def __init__(self, size: int, actions: list[str], slot: int = SLOT, algorithm: str = "auto") -> None:
         self.name = _name()
         self.group = native.ShmGroup(self.name, True, 0, size, slot)
+        self.group.algorithm = algorithm
         self.procs = [
             subprocess.Popen(
-                [sys.executable, HELPER, self.name, str(r), str(size), str(slot), action],
+                [sys.executable, HELPER, self.name, str(r), str(size), str(slot), action, algorithm],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -81,9 +82,10 @@ class Peers:
         self.group.close()
 
 
+@pytest.mark.parametrize("algorithm", ["auto", "one_shot", "two_step"])
 @pytest.mark.parametrize("size", [2, 3])
-def test_every_kind_and_op_matches_numpy_bit_for_bit(size):
-    peers = Peers(size, ["cases"] * (size - 1))
+def test_every_kind_and_op_matches_numpy_bit_for_bit(size, algorithm):
+    peers = Peers(size, ["cases"] * (size - 1), algorithm=algorithm)
     try:
         failures = shm_peer.check_all(peers.group, size)
         results = peers.finish()
@@ -92,6 +94,22 @@ def test_every_kind_and_op_matches_numpy_bit_for_bit(size):
     assert not failures, failures
     for code, text in results:
         assert code == 0 and "CASES OK" in text, text
+
+
+@pytest.mark.parametrize("algorithm", ["one_shot", "two_step"])
+def test_signatures_ride_on_the_first_barrier(algorithm):
+    peers = Peers(2, ["mismatch"], algorithm=algorithm)
+    try:
+        x = np.ones(100_000, np.float32)  # several steps: all ranks stop after the first
+        out = np.full_like(x, 7)
+        assert peers.group.allreduce([x], [out], "f4", "sum", signature=1) is False
+        assert (out == 7).all()  # nothing was reduced
+        table = peers.group.exchange(5, 10)  # the group is still in step afterwards
+        ((code, text),) = peers.finish()
+    finally:
+        peers.kill()
+    assert table.tolist() == [[5, 10], [5, 11]]
+    assert code == 0 and "AGREED False TABLE [[5, 10], [5, 11]]" in text, text
 
 
 def test_chunks_and_stats():
