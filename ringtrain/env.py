@@ -193,8 +193,8 @@ VARS: dict[str, Var] = {
             DEFAULT_SHM_CHUNK,
             _shm_chunk,
             "Bytes each rank stages per step of the shared-memory allreduce (K/M suffixes; >= 4K). "
-            "auto: 4M, less with more than 4 ranks per host, so the segment stays near 32 MiB "
-            "(never below 256K). Fewer, larger steps mean fewer barriers.",
+            "auto: 1M, less with more than 16 ranks per host, so the segment stays within 32 MiB "
+            "(never below 256K): small enough to stay in the cache, large enough to amortise the barriers.",
         ),
         # Read by `ringtrain launch` only, as defaults for its flags; a flag beats its variable.
         Var(

@@ -161,17 +161,19 @@ class HostGroup:
 
 
 def auto_chunk(local_size: int) -> int:
-    """Bytes per rank per step: 4 MiB, less with more ranks, so 2 x ranks x chunk stays near 32 MiB.
+    """Bytes per rank per step: 1 MiB, less above 16 ranks, so 2 x ranks x chunk stays <= 32 MiB.
 
-    Measured on 2 ranks (benchmarks/RESULTS.md): 4 MiB steps beat 1 MiB and 256 KiB ones,
-    because each step costs a barrier. The cap keeps the segment within small /dev/shm
-    mounts (64 MiB is a common container default).
+    Measured with 2 ranks (benchmarks/RESULTS.md, "Step size"): each rank's own work per
+    102 MB allreduce was about half with 1 MiB steps of what it was with 4 MiB ones (the
+    slots stay in the cache); larger steps only saved barrier waits on an overloaded
+    machine. The cap keeps the segment within small /dev/shm mounts (64 MiB is a common
+    container default).
 
-    >>> [auto_chunk(n) >> 10 for n in (2, 4, 8, 64, 256)]
-    [4096, 4096, 2048, 256, 256]
+    >>> [auto_chunk(n) >> 10 for n in (2, 16, 32, 64, 256)]
+    [1024, 1024, 512, 256, 256]
     """
     budget = 32 << 20
-    return max(256 << 10, min(4 << 20, budget // (2 * local_size) // 4096 * 4096))
+    return max(256 << 10, min(1 << 20, budget // (2 * local_size) // 4096 * 4096))
 
 
 @dataclass(frozen=True)
