@@ -4,9 +4,9 @@ Usage: ``python -m benchmarks.bench_allreduce [--np 2] [--steps 20] [--repeats 3
 
 Run outside MPI it starts itself under ``mpiexec -n NP``. Each row is timed for
 ``--steps`` steps (each step starts at a barrier and counts the slowest rank), and the
-rows take turns, ``--repeats`` times over, so load from elsewhere hits them alike. A
-row's figure is the median of its repeats' medians; the spread is the lowest and
-highest repeat median.
+rows take turns, ``--repeats`` times over and in a new order each time, so load from
+elsewhere hits them alike. A row's figure is the median of its repeats' medians; the
+spread is the lowest and highest repeat median.
 
 * ``raw_single``: one mpi4py ``Allreduce`` (in place, sum) of all the bytes at once;
 * ``per_tensor_raw``: mpi4py ``Allreduce`` once per tensor (in place, sum);
@@ -242,9 +242,14 @@ def main(argv: list[str] | None = None) -> int:
 
         cases[f"fused_mpi@{size_text}"] = with_threshold
     samples: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(args.repeats):
-        for name, fn in cases.items():
-            samples[name].append(timed(comm, fn, args.steps))
+    for repeat in range(args.repeats):
+        # A fresh order each repeat (the same on every rank): a row that always followed the
+        # same other row measured up to 30 ms slower here, whatever it ran.
+        order = list(cases)
+        if repeat:
+            np.random.default_rng(repeat).shuffle(order)
+        for name in order:
+            samples[name].append(timed(comm, cases[name], args.steps))
     rows = {name: summarize(s, nbytes, size) for name, s in samples.items()}
 
     breakdown: dict[str, dict[str, float]] = {}
