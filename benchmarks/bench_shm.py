@@ -7,7 +7,8 @@ The ResNet-50 gradient set (161 float32 tensors, 102 MB) is averaged by NP proce
 this host through the native group (``ringtrain.fusion._native.ShmGroup``), each variant
 once per round, rounds repeated ``--reps`` times, so load from elsewhere hits all alike.
 A variant is ``FORM[@SPIN_US][:nostream]``: FORM is ``one_shot``, ``two_step`` or
-``auto``; SPIN_US the microseconds a waiting rank spins before it sleeps (default 50);
+``auto``; SPIN_US the microseconds a waiting rank spins before it sleeps (default: what
+ringtrain picks here, 50 with two CPUs per rank to spare, else 5);
 ``:nostream`` turns the non-temporal stores off. Per variant and step size it prints the
 median [min..max] over rounds of rank 0's wall time per call, its own work (pack +
 reduce + copy-out, from the group's clocks) and its time waiting at barriers. Work is the
@@ -30,11 +31,17 @@ import numpy as np
 from benchmarks.shapes import resnet50_gradient_shapes
 
 
+def default_spin_us(size: int) -> int:
+    """The spin ringtrain chooses for ``size`` ranks on this host (collectives._engine._setup)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 50 if cpus >= 2 * size else 5
+
+
 def _variant(group: Any, text: str) -> None:
     form, _, stores = text.partition(":")
     form, _, spin = form.partition("@")
     group.algorithm = form
-    group.spin_us = int(spin or 50)
+    group.spin_us = int(spin) if spin else default_spin_us(group.size)
     group.streaming = stores != "nostream"
 
 
