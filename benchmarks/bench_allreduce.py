@@ -13,9 +13,10 @@ spread is the lowest and highest repeat median.
 * ``fused``: ``ringtrain.grouped_allreduce`` (Average), on its default path: shared
   memory when every rank is on one host, as here;
 * ``fused_sum``: the same with ``op=Sum`` (what the raw rows compute);
-* ``fused_one_shot``: shared memory with the one-barrier form forced for every step
-  (each rank reduces whole steps straight into its outputs) instead of
-  reduce-scatter/allgather, which the default uses for steps over 64 KiB;
+* ``fused_one_shot`` / ``fused_two_step``: shared memory with one form forced: one
+  barrier per step, each rank reducing whole steps straight into its outputs (the
+  default with 2 ranks), or reduce-scatter/allgather, two barriers per step (the
+  default with more ranks for steps over 64 KiB);
 * ``fused_mpi`` / ``fused_mpi_sum``: the MPI path (shared memory off): large tensors
   straight from input to output, small ones in 16 MiB buckets, MPI on the
   communication thread one bucket ahead of packing and unpacking (pipelined);
@@ -216,14 +217,18 @@ def main(argv: list[str] | None = None) -> int:
             cases.pop(name)
     else:
 
-        def one_shot() -> object:
-            host.group.algorithm = "one_shot"
-            try:
-                return on_path(True, True, fused())()
-            finally:
-                host.group.algorithm = "auto"
+        def forced(form: str) -> Callable[[], object]:
+            def run() -> object:
+                host.group.algorithm = form
+                try:
+                    return on_path(True, True, fused())()
+                finally:
+                    host.group.algorithm = "auto"
 
-        cases["fused_one_shot"] = one_shot
+            return run
+
+        cases["fused_one_shot"] = forced("one_shot")
+        cases["fused_two_step"] = forced("two_step")
     if args.rows:
         wanted = args.rows.split(",")
         cases = {k: v for k, v in cases.items() if k in wanted}
@@ -291,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": {
             "fused / raw_single": ratio("fused", "raw_single"),
             "fused / per_tensor_raw": ratio("fused", "per_tensor_raw"),
-            "fused / fused_one_shot": ratio("fused", "fused_one_shot"),
+            "fused_one_shot / fused_two_step": ratio("fused_one_shot", "fused_two_step"),
             "fused_sum / raw_single": ratio("fused_sum", "raw_single"),
             "fused_mpi / raw_single": ratio("fused_mpi", "raw_single"),
             "fused_mpi_sum / per_tensor_raw": ratio("fused_mpi_sum", "per_tensor_raw"),

@@ -16,11 +16,13 @@
 //     barrier; rank r reduces slice r over all slots, in rank order, into its own slot;
 //     hierarchical jobs then allreduce slice r with rank r of the other hosts (`cross`,
 //     MPI from Python); barrier; every rank copies all slices out into its outputs;
-//   one-shot (steps of up to 64 KiB on one host; one barrier per chunk):
+//   one-shot (2 ranks, or steps of up to 64 KiB, on one host; one barrier per chunk):
 //     barrier; every rank reduces the whole chunk over all slots, in rank order, straight
 //     into its outputs, with the averaging scale and the output conversion fused in.
-// One-shot halves the barriers, which is what small reductions cost; for large ones it
-// measured slightly more work than two-step even with 2 ranks (benchmarks/bench_shm.py).
+// One-shot halves the barriers. With 2 ranks it reads no more than two-step does; it
+// measured ~7 % more work per rank (benchmarks/bench_shm.py) but a 30 % shorter allreduce
+// on a busy host, where every barrier risks waiting for a descheduled peer. With more
+// ranks it reads every slot in full, so there it serves only small steps.
 // Consecutive chunks alternate between two sets of slots, so a fast rank may pack chunk
 // k+1 while a slower one still reads chunk k. Every collective's first barrier also
 // compares the ranks' signatures (the cross-rank argument check), so a single-host job
@@ -214,7 +216,7 @@ inline T finish(T v, const Params& p) {
 }
 
 constexpr size_t kBlock = 1024;  // elements per block of the P > 2 loop (stays in L1)
-constexpr size_t kOneShotBytes = size_t(64) << 10;  // steps up to this size are one-shot
+constexpr size_t kOneShotBytes = size_t(64) << 10;  // with more than 2 ranks, steps up to this are one-shot
 
 template <typename T, typename Op, Post post>
 void reduce_typed(char* out_, const char* const* ins_, int P, size_t n, const Params& p) {
@@ -627,7 +629,7 @@ class ShmGroup {
     bool one_shot(size_t chunk_bytes, bool hierarchical) const {
         if (algorithm_ == "one_shot") return true;
         if (algorithm_ == "two_step" || hierarchical) return false;
-        return chunk_bytes <= kOneShotBytes;
+        return size_ == 2 || chunk_bytes <= kOneShotBytes;
     }
 
     void publish(uint32_t target, int64_t sig, int64_t extra) {
