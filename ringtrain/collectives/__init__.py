@@ -139,8 +139,8 @@ class DistributedGradientTape:
     reduces after the tape is done. Inside ``tf.function`` it overlaps the reduction
     with backprop: gradient buckets (``RINGTRAIN_FUSION_THRESHOLD`` bytes, last layers
     first) are handed to a communication thread by ``tf.numpy_function`` ops as soon as
-    they exist (this needs 2 or more TF inter-op threads). It therefore cannot run under
-    XLA (``jit_compile=True``) or on TPUs, and the graph cannot be saved with it.
+    they exist. It therefore cannot run under XLA (``jit_compile=True``) or on TPUs, and
+    the graph cannot be saved with it.
 
     Example::
 

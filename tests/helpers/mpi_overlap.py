@@ -17,7 +17,9 @@ os.environ["RINGTRAIN_FUSION_THRESHOLD"] = "300K"  # one 256 KiB weight per buck
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-tf.config.threading.set_inter_op_parallelism_threads(2)  # a thread for backprop beside the start ops
+# The slow step below sleeps, which holds its TF thread (real compute would not need this);
+# a second thread lets the start ops run meanwhile.
+tf.config.threading.set_inter_op_parallelism_threads(2)
 
 import ringtrain  # noqa: E402
 from ringtrain.collectives import _tf  # noqa: E402
