@@ -20,9 +20,10 @@
 //     barrier; every rank reduces the whole chunk over all slots, in rank order, straight
 //     into its outputs, with the averaging scale and the output conversion fused in.
 // One-shot halves the barriers. With 2 ranks it reads no more than two-step does; it
-// measured ~7 % more work per rank (benchmarks/bench_shm.py) but a 30 % shorter allreduce
-// on a busy host, where every barrier risks waiting for a descheduled peer. With more
-// ranks it reads every slot in full, so there it serves only small steps.
+// measured 5-19 % more work per rank (benchmarks/bench_shm.py), but end to end it was about
+// even at load 4 and 22 % shorter at load 10, where every barrier risks waiting for a
+// descheduled peer (benchmarks/RESULTS.md). With more ranks it reads every slot in full,
+// so there it serves only small steps.
 // Consecutive chunks alternate between two sets of slots, so a fast rank may pack chunk
 // k+1 while a slower one still reads chunk k. Every collective's first barrier also
 // compares the ranks' signatures (the cross-rank argument check), so a single-host job
