@@ -59,9 +59,10 @@ def byte_size(text: str) -> int:
     return int(match.group(1)) * _SIZE_UNITS[unit]
 
 
-# Chosen by measurement (benchmarks/RESULTS.md, "Bucket size"): small buckets let the
-# reduction of the first gradients start during backprop and keep MPI's messages in the
-# size range where it is fastest; much below this, per-call costs dominate.
+# Chosen by measurement (benchmarks/RESULTS.md, "How the settings were chosen"): the
+# smallest size that still fuses all small tensors of a ResNet-50 into one bucket, and
+# fine enough to cut gradients into several buckets that start during backprop; 1 MiB
+# buckets were slower.
 DEFAULT_FUSION_THRESHOLD = "16M"
 DEFAULT_SHM_CHUNK = "auto"
 

@@ -66,8 +66,8 @@ share a core, and measured here (2 ranks, 2 cores) pipelining made the reduction
 DIRECT_BYTES = 1 << 20
 """On the MPI path, contiguous tensors this large reduce straight into their output.
 
-Below it the saved copies (pack and unpack) cost less than one more MPI call; measured
-in benchmarks/RESULTS.md ("Bucket size")."""
+Set by reasoning, not by a sweep: below it, packing and unpacking cost less than one more
+MPI call (with its wait for the slowest rank)."""
 
 
 def _count(name: str) -> None:

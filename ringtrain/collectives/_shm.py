@@ -163,7 +163,7 @@ class HostGroup:
 def auto_chunk(local_size: int) -> int:
     """Bytes per rank per step: 1 MiB, less above 16 ranks, so 2 x ranks x chunk stays <= 32 MiB.
 
-    Measured with 2 ranks (benchmarks/RESULTS.md, "Step size"): each rank's own work per
+    Measured with 2 ranks (benchmarks/RESULTS.md, "How the settings were chosen"): each rank's own work per
     102 MB allreduce was about half with 1 MiB steps of what it was with 4 MiB ones (the
     slots stay in the cache); larger steps only saved barrier waits on an overloaded
     machine. The cap keeps the segment within small /dev/shm mounts (64 MiB is a common
