@@ -1,15 +1,16 @@
 """``join()``: a rank that has run out of data keeps serving the others' allreduces.
 
-Every collective starts with the signature check (``_engine.check``): one Allgather of
-``[signature, extra]``. A rank inside :func:`join` answers each check with the
-signature of a "join" call and, as ``extra``, how many collectives it has served
-since it joined. When signatures differ every rank exchanges its :class:`Call`
-description (``_engine.check`` already does so to build the mismatch message), which
-tells a joined rank the shapes, dtypes, op and compression of the collective the
-others are running. It then runs the same collective with neutral inputs (zeros for
-Sum/Average, the dtype's largest value for Min and smallest for Max), re-using the
-check that already happened, so every rank makes the same MPI calls in the same
-order. Average still divides by the full world size, as Horovod's join does.
+Every collective starts with the signature check (``_engine.check``): one exchange of
+``[signature, extra]`` (a shared-memory barrier on one host, else an MPI Allgather). A
+rank inside :func:`join` answers each check with the signature of a "join" call and, as
+``extra``, how many collectives it has served since it joined. When signatures differ
+every rank exchanges its :class:`Call` description (``_engine.check`` already does so
+to build the mismatch message), which tells a joined rank the shapes, dtypes, op and
+compression of the collective the others are running. It then runs the same collective
+with neutral inputs (zeros for Sum/Average, the dtype's largest value for Min and
+smallest for Max), re-using the check that already happened, so every rank makes the
+same MPI calls in the same order. Average still divides by the full world size, as
+Horovod's join does.
 
 Only allreduces (any op, fused or not, compressed or not) and barriers can be served;
 a broadcast, allgather or alltoall while a rank has joined raises ConfigError on
@@ -125,14 +126,12 @@ def join() -> int:
     call = Call(JOIN, "-", ())
     served = 0
     with _engine._lock:
-        comm, me, size = _engine.comm_info()
+        comm, me, _ = _engine.comm_info()
         while True:
             with progress.collective(JOIN):
-                mine = np.array([signature(call), served], dtype=np.int64)
-                gathered = np.empty((size, 2), dtype=np.int64)
-                comm.Allgather(mine, gathered)
-                _engine.CALLS["Allgather"] += 1
-                if (gathered[:, 0] == mine[0]).all():
+                sig = signature(call)
+                gathered = _engine.exchange(comm, sig, served)
+                if (gathered[:, 0] == sig).all():
                     return _last_joined(gathered)
                 calls = comm.allgather(call)
             target = served_call(calls, me)

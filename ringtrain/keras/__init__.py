@@ -8,8 +8,9 @@
   by epoch (Horovod's semantics); ``BestModelCheckpoint`` keeps the best model, saved by rank 0.
 
 Works with Keras 3 (``import keras``) and tf-keras (``TF_USE_LEGACY_KERAS=1``,
-``tf.keras``). Limits: the train step is a ``tf.function`` and the optimizer calls MPI
-through one ``tf.numpy_function`` per step, so compile with ``jit_compile=False``
+``tf.keras``). Limits: the train step is a ``tf.function`` and the optimizer reaches MPI
+through ``tf.numpy_function`` ops (one per gradient bucket, so reduction overlaps
+backprop), so compile with ``jit_compile=False``
 (Keras 3 picks XLA by itself only on GPU hosts); ``run_eagerly=True`` also works.
 Only the TensorFlow backend of Keras 3 is supported.
 
@@ -81,9 +82,10 @@ def DistributedOptimizer(  # noqa: N802
 
     The copy is an instance of a subclass of the optimizer's own class, built from its
     config. Keras 3: ``apply``/``apply_gradients`` are wrapped; tf-keras:
-    ``apply_gradients``. Gradients go through one fused allreduce per step (one MPI
-    call per bucket), in the order the optimizer receives them, which Keras keeps
-    identical on every rank. ``compression="fp16"``/``"bf16"`` halves the bytes sent.
+    ``apply_gradients``. Inside the train step's ``tf.function`` the gradients are
+    reduced in buckets that start as soon as backprop has produced them (see
+    ``ringtrain.DistributedGradientTape``), in an order Keras keeps identical on every
+    rank. ``compression="fp16"``/``"bf16"`` halves the bytes sent.
 
     ``backward_passes_per_step=N`` sums gradients locally over N steps and allreduces
     and applies the sum on every N-th step (divided by N with

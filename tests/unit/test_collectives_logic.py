@@ -129,6 +129,44 @@ def _clear(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
+def test_outputs_are_reused_only_when_nobody_holds_them():
+    cache = _engine._Outputs()
+    specs = [((3,), np.dtype(np.float32)), ((2, 2), np.dtype(np.int64))]
+    first = cache.get("k", specs)
+    assert [a.shape for a in first] == [(3,), (2, 2)]
+    kept = first[1]  # the caller still holds one result: a fresh set
+    del first
+    second = cache.get("k", specs)
+    assert not any(a is kept for a in second)
+    ids = [id(a) for a in second]
+    del second  # dropped: the same arrays come back
+    third = cache.get("k", specs)
+    assert [id(a) for a in third] == ids and cache.reused == 1
+    view = third[0][1:]  # a view holds its base: not reused either
+    del third
+    assert cache.get("k", specs)[0] is not view.base
+
+
+def test_outputs_cache_is_bounded():
+    cache = _engine._Outputs(limit=2, max_bytes=1000)
+    small = [((10,), np.dtype(np.float32))]
+    for key in "abc":
+        cache.get(key, small)
+    assert list(cache._cache) == ["b", "c"]
+    cache.get("big", [((400,), np.dtype(np.float32))])  # 1600 bytes: alone over the budget
+    assert list(cache._cache) == ["big"]
+
+
+def test_overlap_buckets_follow_backprop_order():
+    from ringtrain.collectives._tf import overlap_buckets
+
+    assert overlap_buckets([], 10) == []
+    assert overlap_buckets([4, 4, 8, 2], 8) == [[3], [2], [1, 0]]
+    assert overlap_buckets([4, 4, 4], 0) == [[2], [1], [0]]
+    assert overlap_buckets([30, 1, 1], 8) == [[2, 1], [0]]
+    assert sorted(i for b in overlap_buckets([5] * 9, 12) for i in b) == list(range(9))
+
+
 def test_context_falls_back_to_hydra_pmi_env(monkeypatch):
     _clear(monkeypatch)
     for k, v in {"PMI_RANK": "1", "PMI_SIZE": "3", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}.items():
