@@ -389,9 +389,14 @@ INTERNAL = {
 
 
 def get(name: str, environ: Mapping[str, str] | None = None):
-    """Return the parsed value of ``name``, from the environment or its default."""
+    """Return the parsed value of ``name``, from the environment or its default.
+
+    A variable set to an empty (or blank) value counts as unset.
+    """
     var = VARS[name]
-    raw = (os.environ if environ is None else environ).get(name, var.default)
+    raw = (os.environ if environ is None else environ).get(name, "")
+    if not raw.strip():
+        raw = var.default
     try:
         return var.parse(raw)
     except ValueError as err:
