@@ -97,16 +97,6 @@ def fusion_threshold() -> int:
     return env.get(THRESHOLD_ENV)
 
 
-def parse_size(text: str, what: str = "size") -> int:
-    """Parse ``"128M"``-style byte counts (binary units); raise ConfigError on anything else."""
-    try:
-        return env.byte_size(text)
-    except ValueError:
-        raise ConfigError(
-            f"{what}={text!r} is not a byte count; {env.SIZE_HINT}; 0 disables fusion"
-        ) from None
-
-
 # ------------------------------------------------------------------- planning
 
 
