@@ -16,8 +16,8 @@ paths, chosen from facts every rank shares, so all ranks take the same one:
 
 Outputs are kept across calls with the same tensors and reused when nothing else still
 holds them (checked by reference count), so steady-state training writes into memory
-that is already mapped. Every tensor-data call is buffer based; only the small mismatch
-description is pickled.
+that is already mapped. Every call is buffer based: tensor data as it is, the small
+mismatch description as JSON (see :mod:`._control`); nothing a peer sends is unpickled.
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ from ringtrain import fusion, progress
 from ringtrain.backends.mpi import mpi_module, world
 from ringtrain.errors import BackendError, ConfigError
 
-from . import _join, _shm
+from . import _control, _join, _shm
 from ._convert import HALF, check_reducible
 from ._ops import ReduceOp, op_name
-from ._signature import Call, mismatch_message, signature, spec_of
+from ._signature import Call, decode_call, encode_call, mismatch_message, signature, spec_of
 from ._stream import STREAM, Handle
 
 logger = logging.getLogger(__name__)
@@ -252,10 +252,24 @@ def check(comm: Any, call: Call, extra: int = 0) -> np.ndarray:
     sig = signature(call)
     gathered = exchange(comm, sig, extra)
     if (gathered[:, 0] != sig).any():
-        calls = comm.allgather(call)  # small metadata only, never tensor data
+        calls = gather_calls(comm, call)
         if not _join.joined_ranks_serve(calls, comm.Get_rank()):
             raise BackendError(mismatch_message(calls, comm.Get_rank()))
     return gathered
+
+
+def gather_calls(comm: Any, call: Call) -> list[Call]:
+    """Every rank's description of its call, after the signatures differed (JSON, never pickled)."""
+    calls = []
+    for rank, data in enumerate(_control.allgather_bytes(comm, encode_call(call))):
+        try:
+            calls.append(decode_call(data))
+        except ValueError as exc:
+            raise BackendError(
+                f"rank {rank} sent a malformed collective description ({exc}), seen on rank "
+                f"{comm.Get_rank()}; every rank of the job must run the same ringtrain version"
+            ) from None
+    return calls
 
 
 # ------------------------------------------------------------------ allreduce

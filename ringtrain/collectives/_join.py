@@ -133,7 +133,7 @@ def join() -> int:
                 gathered = _engine.exchange(comm, sig, served)
                 if (gathered[:, 0] == sig).all():
                     return _last_joined(gathered)
-                calls = comm.allgather(call)
+                calls = _engine.gather_calls(comm, call)
             target = served_call(calls, me)
             if target is None:
                 raise BackendError(mismatch_message(calls, me))

@@ -32,6 +32,8 @@ import numpy as np
 from ringtrain import env, fusion
 from ringtrain.errors import BackendError
 
+from . import _control
+
 logger = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
@@ -205,14 +207,34 @@ def layout(comm: Any, MPI: Any) -> Layout:
     key = host_key()
     if not why and key is None:
         why = f"{SHM_DIR} or the kernel's boot id cannot be read"
-    facts = comm.allgather((why, mode, key, chunk))
+    facts = [
+        _facts(f, r) for r, f in enumerate(_control.allgather_json(comm, [why, mode, key, chunk], "layout"))
+    ]
     keys = [k for _, _, k, _ in facts]
     local_size = keys.count(key) if key is not None else 1
     hosts = len(set(keys)) if None not in keys else size
     return Layout(_group(comm, MPI, facts), local_size, hosts)
 
 
-def _group(comm: Any, MPI: Any, facts: list[tuple[str, str, str | None, int]]) -> HostGroup | None:
+def _facts(raw: Any, rank: int) -> tuple[str, str, str | None, int | str]:
+    """One rank's gathered (why not, mode, host key, chunk), checked; BackendError if malformed."""
+    ok = (
+        isinstance(raw, list)
+        and len(raw) == 4
+        and isinstance(raw[0], str)
+        and isinstance(raw[1], str)
+        and (raw[2] is None or isinstance(raw[2], str))
+        and (raw[3] == "auto" or (type(raw[3]) is int and raw[3] > 0))
+    )
+    if not ok:
+        raise BackendError(
+            f"rank {rank} sent malformed shared-memory facts {raw!r}; every rank of the job must "
+            "run the same ringtrain version"
+        )
+    return raw[0], raw[1], raw[2], raw[3]
+
+
+def _group(comm: Any, MPI: Any, facts: list[tuple[str, str, str | None, int | str]]) -> HostGroup | None:
     rank, size = comm.Get_rank(), comm.Get_size()
     native = fusion._native
     chunk = facts[rank][3]
@@ -264,9 +286,11 @@ def _group(comm: Any, MPI: Any, facts: list[tuple[str, str, str | None, int]]) -
             group = native.ShmGroup(name, True, 0, local_size, chunk)
         except (OSError, ValueError) as exc:
             error, name = f"rank {rank} could not create {name}: {exc}", ""
-        name = local_comm.bcast(name, root=0)
+        _control.bcast_json(local_comm, name, 0, "segment name")
     else:
-        name = local_comm.bcast(None, root=0)
+        name = _control.bcast_json(local_comm, None, 0, "segment name")
+        if not isinstance(name, str):
+            error, name = f"rank {rank} got no segment name from the host's first rank: {name!r}", ""
         if name:
             try:
                 group = native.ShmGroup(name, False, local_rank, local_size, chunk)
@@ -274,17 +298,24 @@ def _group(comm: Any, MPI: Any, facts: list[tuple[str, str, str | None, int]]) -
                 error = f"rank {rank} could not attach to {name}: {exc}"
         else:
             error = "the host's first rank could not create the segment"
-    errors = comm.allgather(error)  # doubles as the barrier before unlink: every rank has mapped it
+    # Doubles as the barrier before unlink: every rank has mapped the segment.
+    errors = _control.allgather_json(comm, error, "set-up error")
+    problem = ""
     if local_rank == 0 and group is not None:
-        group.unlink()
+        try:
+            group.unlink()
+        except OSError as exc:  # the others must hear of it in the exchange below, not wait
+            problem = f"rank {rank} could not unlink {group.name}: {exc}"
     if not any(errors):
         visible, why = group.peers_visible()
-        errors = comm.allgather("" if visible else f"rank {rank}: {why}")
+        if not visible and not problem:
+            problem = f"rank {rank}: {why}"
+    errors = errors + _control.allgather_json(comm, problem, "set-up error")
     if any(errors):
         if group is not None:
             group.close()
         _free_split(local_comm, cross_comm, comm)
-        give_up("; ".join(e for e in errors if e)[:500])
+        give_up("; ".join(str(e) for e in errors if e)[:500])
         return None
     logger.info(
         "allreduce through shared memory: %d rank(s) per host, %d host(s), %d KiB per rank per step",
