@@ -10,7 +10,9 @@ compression of the collective the others are running. It then runs the same coll
 with neutral inputs (zeros for Sum/Average, the dtype's largest value for Min and
 smallest for Max), re-using the check that already happened, so every rank makes the
 same MPI calls in the same order. Average still divides by the full world size, as
-Horovod's join does.
+Horovod's join does. Each collective served is one step of ``join`` in the rank's
+progress record, so its count of collectives keeps pace with the running ranks' (the
+stall inspector compares these counts).
 
 Only allreduces (any op, fused or not, compressed or not) and barriers can be served;
 a broadcast, allgather or alltoall while a rank has joined raises ConfigError on
@@ -128,22 +130,24 @@ def join() -> int:
     with _engine._lock:
         comm, me, _ = _engine.comm_info()
         while True:
+            # One step per collective the others run, counted once like theirs: the served
+            # allreduce runs inside this step, so the progress recorder takes it as part of it.
             with progress.collective(JOIN):
                 sig = signature(call)
                 gathered = _engine.exchange(comm, sig, served)
                 if (gathered[:, 0] == sig).all():
                     return _last_joined(gathered)
                 calls = _engine.gather_calls(comm, call)
-            target = served_call(calls, me)
-            if target is None:
-                raise BackendError(mismatch_message(calls, me))
-            if target.what != BARRIER:
-                op = _REDUCE_OPS[target.op]
-                _replay = gathered
-                try:
-                    _engine.fused_allreduce(
-                        [neutral(spec, op) for spec in target.specs], op, target.what, target.compression
-                    )
-                finally:
-                    _replay = None
+                target = served_call(calls, me)
+                if target is None:
+                    raise BackendError(mismatch_message(calls, me))
+                if target.what != BARRIER:
+                    op = _REDUCE_OPS[target.op]
+                    _replay = gathered
+                    try:
+                        _engine.fused_allreduce(
+                            [neutral(spec, op) for spec in target.specs], op, target.what, target.compression
+                        )
+                    finally:
+                        _replay = None
             served += 1

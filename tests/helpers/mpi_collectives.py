@@ -16,6 +16,7 @@ bits as the MPI path (two ranks: every float sum has one order). Prints
 
 import os
 import sys
+import tempfile
 
 MODE = sys.argv[1] if len(sys.argv) > 1 else "shm"
 os.environ["RINGTRAIN_FUSION_SHM"] = "off" if MODE == "mpi" else "on"
@@ -28,7 +29,7 @@ import tensorflow as tf  # noqa: E402
 
 import ringtrain  # noqa: E402
 from ringtrain import collectives as rc  # noqa: E402
-from ringtrain import fusion  # noqa: E402
+from ringtrain import fusion, progress  # noqa: E402
 from ringtrain.collectives import _engine  # noqa: E402
 
 rank, size = ringtrain.rank(), ringtrain.size()
@@ -231,6 +232,30 @@ def compressed_grad():
 for mode, fn in (("eager", compressed_grad), ("tf.function", tf.function(compressed_grad))):
     if not np.array_equal(fn().numpy(), reference(rc.Average, np.float32) * 2):
         failures.append(f"fp16-compressed gradients differ ({mode})")
+
+# join with uneven steps: a rank out of data serves the others' allreduces, and each served
+# allreduce counts as one collective in its progress record, as it does on the running ranks
+# (the stall inspector compares these counts to tell who waits for whom).
+with tempfile.TemporaryDirectory() as tmp:
+    recorder = progress.FileRecorder(os.path.join(tmp, "progress"))
+    progress.install(recorder)
+    try:
+        for i in range(1 + rank):  # rank r runs 1 + r steps; the last rank runs longest
+            running = [r for r in range(size) if r >= i]
+            want = np.array([len(running), sum(running)], np.float32)
+            expect(
+                f"join step {i}", rc.allreduce(np.array([1.0, rank], np.float32), op=rc.Sum), want, "numpy"
+            )
+        last = rc.join()
+        counted = recorder.seq
+    finally:
+        progress.install(None)
+if last != size - 1:
+    failures.append(f"join returned {last}, want the last rank {size - 1}")
+# every rank: `size` allreduces (run or served) and the join that every rank finally agreed on
+counts = rc.allgather(np.array([counted], np.int64)).tolist()
+if counts != [size + 1] * size:
+    failures.append(f"join: the ranks counted {counts} collectives, want {size + 1} each")
 
 if failures:
     print(f"rank {rank}: {len(failures)} failure(s):\n  " + "\n  ".join(failures), flush=True)
