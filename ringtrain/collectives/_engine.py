@@ -289,9 +289,6 @@ def half_sum_op(MPI: Any, dtype: np.dtype) -> Any:
     return ops[dtype.name]
 
 
-_half_sum_op = half_sum_op  # the name this function had before
-
-
 def fused_allreduce(
     arrays: Sequence[np.ndarray], op: ReduceOp, what: str, compression: str | None = None
 ) -> list[np.ndarray]:
