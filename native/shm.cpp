@@ -25,9 +25,9 @@
 // descheduled peer (benchmarks/RESULTS.md). With more ranks it reads every slot in full,
 // so there it serves only small steps.
 // Consecutive chunks alternate between two sets of slots, so a fast rank may pack chunk
-// k+1 while a slower one still reads chunk k. Every collective's first barrier also
-// compares the ranks' signatures (the cross-rank argument check), so a single-host job
-// needs no separate MPI call for it.
+// k+1 while a slower one still reads chunk k. `exchange` is one barrier at which every rank
+// publishes two numbers: on a single host it carries the cross-rank argument check that
+// precedes every collective, so that check needs no MPI call.
 //
 // Waits spin briefly, then sleep on the futex with a short timeout and check that the
 // awaited process is still alive (pid and start time, so a reused pid is not taken for
@@ -110,9 +110,9 @@ struct alignas(kLine) RankState {
     uint32_t attached;
     int64_t pid;
     uint64_t start_time;  // field 22 of /proc/<pid>/stat
-    // Signature and extra value of the collective whose first barrier is phase p, in slot
-    // p & 1: a rank writes the next one only after every rank passed the phase before, so
-    // no peer can still be reading the slot it overwrites.
+    // The (signature, extra) pair `exchange` published for phase p, in slot p & 1: a rank
+    // writes the next one only after every rank passed the phase before, so no peer can
+    // still be reading the slot it overwrites.
     int64_t sig[2];
     int64_t extra[2];
 };
@@ -476,10 +476,9 @@ class ShmGroup {
         }
     }
 
-    // Returns false, having reduced nothing, when `signature` (if given) differs between ranks.
-    bool allreduce(py::object self, const std::vector<py::array>& srcs, std::vector<py::array>& dsts,
+    void allreduce(py::object self, const std::vector<py::array>& srcs, std::vector<py::array>& dsts,
                    const std::string& kind, const std::string& op, const std::string& compress, double scale,
-                   int64_t divisor, py::object cross, py::object signature) {
+                   int64_t divisor, py::object cross) {
         require_open();
         if (broken_) throw PeerLost("the shared-memory group failed earlier; it cannot be used again");
         const bool hierarchical = !cross.is_none();
@@ -504,11 +503,7 @@ class ShmGroup {
             }
             total += count;
         }
-        const bool checked = !signature.is_none();
-        const int64_t sig = checked ? signature.cast<int64_t>() : 0;
-        if (total == 0) {  // nothing to move, but the ranks must still agree on the call
-            return checked ? exchange_agrees(sig) : true;
-        }
+        if (total == 0) return;  // nothing to move
         const size_t capacity = slot_bytes_ / plan.wire_unit;
         Plan run = plan;
         if (total * plan.dst_unit >= kStreamBytes && stream_) {
@@ -516,16 +511,11 @@ class ShmGroup {
             if (run.unpack == k_copy<8>) run.unpack = k_stream<8>;
         }
 
-        const bool hierarchical_run = !cross.is_none();
         py::gil_scoped_release release;
         try {
             for (size_t start = 0; start < total; start += capacity) {
                 const size_t n = std::min(capacity, total - start);
-                const bool first = start == 0;
-                if (!run_chunk(self, run, in, out, start, n, cross, one_shot(n * plan.wire_unit, hierarchical_run),
-                               first && checked, sig)) {
-                    return false;  // signatures differ: every rank stops here, nothing reduced
-                }
+                run_chunk(self, run, in, out, start, n, cross, one_shot(n * plan.wire_unit, hierarchical));
             }
             stream_fence();  // order the non-temporal stores before anything that follows
         } catch (...) {
@@ -533,7 +523,6 @@ class ShmGroup {
             throw;
         }
         ++calls_;
-        return true;
     }
 
     // Every rank publishes (signature, extra) at one barrier; returns the (size, 2) table.
@@ -639,30 +628,9 @@ class ShmGroup {
         me.extra[target & 1] = extra;
     }
 
-    // After the barrier that reached `target`: did every rank publish `sig`?
-    bool agree(uint32_t target, int64_t sig) const {
-        for (int j = 0; j < size_; ++j) {
-            if (state(j).sig[target & 1] != sig) return false;
-        }
-        return true;
-    }
-
-    bool exchange_agrees(int64_t sig) {
-        const uint32_t target = phase_ + 1;
-        publish(target, sig, 0);
-        py::gil_scoped_release release;
-        try {
-            barrier();
-        } catch (...) {
-            abandon();
-            throw;
-        }
-        return agree(target, sig);
-    }
-
-    // One chunk; false when this is the checked first chunk and the signatures differ.
-    bool run_chunk(py::object& self, const Plan& plan, const std::vector<Piece>& in, const std::vector<Piece>& out,
-                   size_t start, size_t n, py::object& cross, bool one, bool checked, int64_t sig) {
+    // One chunk: pack, barrier, reduce (and, two-step: cross-host allreduce, barrier, unpack).
+    void run_chunk(py::object& self, const Plan& plan, const std::vector<Piece>& in, const std::vector<Piece>& out,
+                   size_t start, size_t n, py::object& cross, bool one) {
         const size_t buffer = chunks_ & 1;
         char* mine = slot(buffer, rank_);
         auto t0 = Clock::now();
@@ -670,10 +638,7 @@ class ShmGroup {
             plan.pack(p.ptr + off * plan.src_unit, mine + (pos - start) * plan.wire_unit, cnt, plan.pack_p);
         });
         auto t1 = Clock::now();
-        const uint32_t target = phase_ + 1;
-        if (checked) publish(target, sig, 0);
         barrier();
-        if (checked && !agree(target, sig)) return false;
         auto t2 = Clock::now();
         using S = std::chrono::duration<double>;
         if (one) {
@@ -683,7 +648,7 @@ class ShmGroup {
             pack_s_ += S(t1 - t0).count();
             wait_s_ += S(t2 - t1).count();
             reduce_s_ += S(t3 - t2).count();
-            return true;
+            return;
         }
         size_t lo, hi;
         slice(rank_, n, &lo, &hi);
@@ -716,7 +681,6 @@ class ShmGroup {
         reduce_s_ += S(t3 - t2).count();
         cross_s_ += S(t4 - t3).count();
         unpack_s_ += S(t6 - t5).count();
-        return true;
     }
 
     // One-shot: reduce the whole chunk over all slots straight into the outputs. Where the
@@ -839,13 +803,11 @@ void register_shm(py::module_& m) {
             "allreduce",
             [](py::object self, const std::vector<py::array>& srcs, std::vector<py::array> dsts,
                const std::string& kind, const std::string& op, const std::string& compress, double scale,
-               int64_t divisor, py::object cross, py::object signature) {
-                return self.cast<ShmGroup&>().allreduce(self, srcs, dsts, kind, op, compress, scale, divisor,
-                                                        cross, signature);
+               int64_t divisor, py::object cross) {
+                self.cast<ShmGroup&>().allreduce(self, srcs, dsts, kind, op, compress, scale, divisor, cross);
             },
             py::arg("srcs"), py::arg("dsts"), py::arg("kind"), py::arg("op"), py::arg("compress") = "",
-            py::arg("scale") = 1.0, py::arg("divisor") = 1, py::arg("cross") = py::none(),
-            py::arg("signature") = py::none())
+            py::arg("scale") = 1.0, py::arg("divisor") = 1, py::arg("cross") = py::none())
         .def("exchange", &ShmGroup::exchange, py::arg("signature"), py::arg("extra") = 0)
         .def("stats", &ShmGroup::stats)
         .def("reset_stats", &ShmGroup::reset_stats)

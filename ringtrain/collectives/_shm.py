@@ -114,18 +114,11 @@ class HostGroup:
         scale: float,
         divisor: int,
         world_rank: int,
-        signature: int | None = None,
-    ) -> bool:
-        """Reduce ``srcs`` into ``dsts`` (see native/shm.cpp); BackendError if a peer is lost.
-
-        With ``signature`` (single host only), the first barrier also checks that every
-        rank passed the same one; False means they differ and nothing was reduced.
-        """
+    ) -> None:
+        """Reduce ``srcs`` into ``dsts`` (see native/shm.cpp); BackendError if a peer is lost."""
         cross = self._cross(op, compress) if self.cross_comm is not None else None
         with self._peer_errors(world_rank):
-            return self.group.allreduce(
-                list(srcs), list(dsts), kind, op, compress, scale, divisor, cross, signature
-            )
+            self.group.allreduce(list(srcs), list(dsts), kind, op, compress, scale, divisor, cross)
 
     def exchange(self, signature: int, extra: int, world_rank: int) -> np.ndarray:
         """Every local rank's ``(signature, extra)``, as a (local size, 2) int64 array."""

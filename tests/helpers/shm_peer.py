@@ -9,8 +9,9 @@ segment NAME as local rank RANK (using ALGORITHM: auto, one_shot or two_step), p
 * ``die``: exits at once (status 3) without taking part in any allreduce;
 * ``hang``: sleeps until killed;
 * ``abandon``: waits for a line on stdin, then gives up on the group;
-* ``mismatch``: one allreduce with signature 2 (the test process passes 1), then
-  ``exchange(5, 10 + RANK)``; prints what it saw.
+* ``exchange``: ``exchange(1 + RANK, 10 + RANK)``, a summing allreduce of 100,000 float32
+  values equal to RANK + 1 (several steps), then ``exchange(5, 20 + RANK)``; prints the
+  tables and the distinct values of the sum.
 
 The test process (rank 0) creates the segment and runs the same cases, so every rank
 reduces the same sequence. Inputs depend only on (rank, case), so every rank computes
@@ -128,6 +129,16 @@ def check_all(group, size: int) -> list[str]:
     return failures
 
 
+def exchange_and_reduce(group, rank: int) -> str:
+    """The ``exchange`` action's steps on local rank ``rank``; what it saw, as one line."""
+    first = group.exchange(1 + rank, 10 + rank)
+    x = np.full(100_000, rank + 1, np.float32)
+    out = np.empty_like(x)
+    group.allreduce([x], [out], "f4", "sum")
+    second = group.exchange(5, 20 + rank)
+    return f"FIRST {first.tolist()} SUM {np.unique(out).tolist()} SECOND {second.tolist()}"
+
+
 def main(argv: list[str]) -> int:
     from ringtrain.fusion import _native
 
@@ -144,11 +155,8 @@ def main(argv: list[str]) -> int:
         sys.stdin.readline()
         group.abandon()
         return 0
-    if action == "mismatch":
-        x = np.ones(100_000, np.float32)
-        agreed = group.allreduce([x], [np.empty_like(x)], "f4", "sum", signature=2)
-        table = group.exchange(5, 10 + rank)
-        print(f"AGREED {agreed} TABLE {table.tolist()}", flush=True)
+    if action == "exchange":
+        print(exchange_and_reduce(group, rank), flush=True)
         return 0
     failures = check_all(group, size)
     print("CASES OK" if not failures else "\n".join(failures), flush=True)

@@ -97,19 +97,18 @@ def test_every_kind_and_op_matches_numpy_bit_for_bit(size, algorithm):
 
 
 @pytest.mark.parametrize("algorithm", ["one_shot", "two_step"])
-def test_signatures_ride_on_the_first_barrier(algorithm):
-    peers = Peers(2, ["mismatch"], algorithm=algorithm)
+def test_exchange_gathers_every_rank_and_keeps_the_group_in_step(algorithm):
+    """The argument check's barrier: each rank's pair, signatures that differ included, and
+    allreduces before and after it stay in step (the phases interleave)."""
+    peers = Peers(2, ["exchange"], algorithm=algorithm)
     try:
-        x = np.ones(100_000, np.float32)  # several steps: all ranks stop after the first
-        out = np.full_like(x, 7)
-        assert peers.group.allreduce([x], [out], "f4", "sum", signature=1) is False
-        assert (out == 7).all()  # nothing was reduced
-        table = peers.group.exchange(5, 10)  # the group is still in step afterwards
+        mine = shm_peer.exchange_and_reduce(peers.group, 0)
         ((code, text),) = peers.finish()
     finally:
         peers.kill()
-    assert table.tolist() == [[5, 10], [5, 11]]
-    assert code == 0 and "AGREED False TABLE [[5, 10], [5, 11]]" in text, text
+    want = "FIRST [[1, 10], [2, 11]] SUM [3.0] SECOND [[5, 20], [5, 21]]"
+    assert mine == want
+    assert code == 0 and want in text, text
 
 
 def test_chunks_and_stats():
