@@ -222,9 +222,14 @@ def join() -> int:
 
 
 def call_counts() -> dict[str, int]:
-    """MPI calls this process has made, by MPI function (``Allreduce``, ``Bcast``...).
+    """Calls this process's collectives have made, by name, for tests and benchmarks.
 
-    ``Allgather`` counts the cross-rank signature checks; the rest carry tensor data.
+    MPI calls by MPI function: ``Allreduce``, ``Allgatherv``, ``Bcast`` and ``Alltoallv``
+    carry tensor data; ``Allgather`` counts the cross-rank signature checks made over MPI
+    (and alltoall's exchange of split counts). On a single host with shared memory the
+    signature checks are barriers in the segment, counted as ``shm_check``, and ``shm``
+    counts shared-memory reductions (one per dtype per allreduce). Set-up exchanges and
+    the descriptions ranks trade after a mismatch are not counted.
     """
     return dict(_engine.CALLS)
 

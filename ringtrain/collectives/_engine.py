@@ -46,8 +46,9 @@ from ._stream import STREAM, Handle
 
 logger = logging.getLogger(__name__)
 
-# MPI calls made, by MPI function name ("shm" counts shared-memory reductions); tests
-# read it to prove one call per bucket.
+# Calls made, by name (see collectives.call_counts): MPI functions, "shm" for shared-memory
+# reductions and "shm_check" for signature checks in the segment; tests read it to prove
+# one call per bucket.
 CALLS: collections.Counter[str] = collections.Counter()
 _calls_lock = threading.Lock()
 
