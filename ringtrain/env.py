@@ -385,6 +385,12 @@ INTERNAL = {
     "RINGTRAIN_DATA_DIR": "the task's data directory (layout.json, one Arrow IPC file per dataset)",
     "RINGTRAIN_SHM_HOST_KEY": "tests: replaces this rank's host identity for the shared-memory allreduce, "
     "so one machine can pose as several hosts",
+    "RINGTRAIN_REQUIRE_NATIVE": "tests (scripts/test.sh sets 1): a native extension that failed to build "
+    "fails the suite instead of leaving only the numpy twin tested",
+    "RINGTRAIN_TEST_SESSION": "tests: a per-session marker every started process inherits, so leak checks "
+    "find this session's processes only",
+    "RINGTRAIN_FAKE_GPU_COUNTER": "tests: the file tests/helpers/fake_gpus.sh counts in, handing each "
+    "executor the next two fake GPU addresses",
 }
 
 
