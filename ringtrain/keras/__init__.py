@@ -92,6 +92,9 @@ def DistributedOptimizer(  # noqa: N802
     ``average_aggregated_gradients=True``); the steps in between apply nothing.
     ``gradient_predivide_factor=f`` (op Average only) scales gradients by 1/f before
     the sum and by f/size after it, as Horovod does.
+
+    An optimizer that is already distributed comes back unchanged when the arguments
+    are the ones it was built with, and raises ConfigError when they differ.
     """
     cls = distributed_class(
         type(optimizer),
@@ -127,7 +130,21 @@ def distributed_class(
     predivide = float(gradient_predivide_factor)
     if predivide != 1.0 and op is not Average:
         raise ConfigError(f"gradient_predivide_factor={predivide} needs op=Average, got {op!r}")
+    settings = {
+        "op": op,
+        "compression": compression,
+        "backward_passes_per_step": passes,
+        "average_aggregated_gradients": average_aggregated_gradients,
+        "gradient_predivide_factor": predivide,
+    }
     if getattr(base, "_ringtrain_distributed", False):
+        built = base._ringtrain_settings
+        changed = [f"{k}={v!r} (it has {built[k]!r})" for k, v in settings.items() if v != built[k]]
+        if changed:
+            raise ConfigError(
+                f"this {base.__name__} optimizer is already distributed, with other settings: "
+                f"{', '.join(changed)}. Wrap the plain optimizer once, with every setting you want"
+            )
         return base
 
     def reduce(grads: list[Any]) -> list[Any]:
@@ -170,6 +187,7 @@ def distributed_class(
 
         methods = {"apply_gradients": apply_gradients}
     methods["_ringtrain_distributed"] = True
+    methods["_ringtrain_settings"] = settings
     return type(base.__name__, (base,), methods)
 
 

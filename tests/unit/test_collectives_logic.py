@@ -295,6 +295,38 @@ def test_world_size_disagreeing_with_size_env(monkeypatch):
         mpi_backend.world()
 
 
+class _PlainOptimizer:
+    """Stands in for a tf-keras optimizer class (updates through apply_gradients)."""
+
+    def __init__(self, learning_rate=0.1):
+        self.learning_rate = learning_rate
+
+    def get_config(self):
+        return {"learning_rate": self.learning_rate}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def apply_gradients(self, grads_and_vars):
+        return list(grads_and_vars)
+
+
+def test_distributing_a_distributed_optimizer_again_needs_the_same_settings():
+    import ringtrain.keras as rk
+
+    dist = rk.DistributedOptimizer(_PlainOptimizer(0.5), compression="fp16", backward_passes_per_step=2)
+    assert type(dist) is not _PlainOptimizer and dist.learning_rate == 0.5
+    same = rk.DistributedOptimizer(dist, compression="fp16", backward_passes_per_step=2)
+    assert same is dist
+    with pytest.raises(ConfigError, match=r"already distributed.*compression=None \(it has 'fp16'\)"):
+        rk.DistributedOptimizer(dist, backward_passes_per_step=2)
+    with pytest.raises(ConfigError, match=r"op=ringtrain.Sum \(it has ringtrain.Average\)"):
+        rk.DistributedOptimizer(dist, op=Sum, compression="fp16", backward_passes_per_step=2)
+    with pytest.raises(ConfigError, match="backward_passes_per_step=1 .*average_aggregated_gradients=True"):
+        rk.DistributedOptimizer(dist, compression="fp16", average_aggregated_gradients=True)
+
+
 def test_keras_module_imports_without_keras_and_validates():
     import ringtrain.keras as rk
 
