@@ -55,19 +55,26 @@ class OptionalBuildExt(build_ext):
 def _compile_args() -> list[str]:
     if sys.platform == "win32":
         return ["/O2", "/std:c++17"]
-    # No -march: wheels must run on any CPU of the target architecture.
-    return ["-O3", "-g0", "-std=c++17", "-fvisibility=hidden", "-pthread"]
+    # No -march: wheels must run on any CPU of the target architecture. AVX2/F16C code is
+    # confined to functions with target attributes, chosen at run time (native/convert.cpp).
+    # -ffp-contract=off keeps a*b+c from becoming an FMA, whose single rounding would
+    # break bit-identity with the numpy twin.
+    return ["-O3", "-g0", "-std=c++17", "-fvisibility=hidden", "-pthread", "-ffp-contract=off"]
 
 
 def _link_args() -> list[str]:
-    return [] if sys.platform == "win32" else ["-pthread"]
+    if sys.platform == "win32":
+        return []
+    # shm_open lives in librt before glibc 2.34.
+    return ["-pthread", "-lrt"] if sys.platform.startswith("linux") else ["-pthread"]
 
 
 setup(
     ext_modules=[
         Extension(
             NATIVE,
-            sources=["native/fusion.cpp"],
+            sources=["native/fusion.cpp", "native/convert.cpp", "native/shm.cpp"],
+            depends=["native/arrays.h", "native/convert.h", "native/kernels.h", "native/shm.h"],
             include_dirs=_pybind11_include(),
             language="c++",
             extra_compile_args=_compile_args(),

@@ -49,11 +49,22 @@ def plot_scaling(records: Sequence[dict[str, Any]], model: str, path: str) -> No
 
 
 def plot_busbw(rows: Sequence[dict[str, Any]], path: str, title: str = "allreduce bus bandwidth") -> None:
-    """Bus bandwidth (nccl-tests: algbw x 2(n-1)/n) against message size, one line per implementation."""
+    """Bus bandwidth (nccl-tests: algbw x 2(n-1)/n) against message size, one line per implementation.
+
+    Rows with ``busbw_min_GBps``/``busbw_max_GBps`` get error bars spanning them.
+    """
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for impl in sorted({r["impl"] for r in rows}):
         mine = sorted((r for r in rows if r["impl"] == impl), key=lambda r: r["bytes"])
-        ax.plot([r["bytes"] for r in mine], [r["busbw_GBps"] for r in mine], marker="o", label=impl)
+        xs, ys = [r["bytes"] for r in mine], [r["busbw_GBps"] for r in mine]
+        if all("busbw_min_GBps" in r for r in mine):
+            err = [
+                [y - r["busbw_min_GBps"] for y, r in zip(ys, mine, strict=True)],
+                [r["busbw_max_GBps"] - y for y, r in zip(ys, mine, strict=True)],
+            ]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=impl)
+        else:
+            ax.plot(xs, ys, marker="o", label=impl)
     ax.set_xscale("log", base=2)
     ax.set(xlabel="message size (bytes, float32)", ylabel="bus bandwidth (GB/s)", title=title)
     ax.grid(alpha=0.3, which="both")

@@ -4,10 +4,14 @@ Usage::
 
     python -m benchmarks.sweep --models inception1,vgg16 --backends tf,mpi --max-np 2 --threads 1 \\
         [--batch-size 16 | inception1:16,vgg16:4] [--image-size 112 | inception1:112,vgg16:64] \\
-        [--steps 10] [--warmup 2] [--out DIR] [--no-busbw] [--plot-only] [--quick]
+        [--steps 10] [--warmup 2] [--repeats 1] [--out DIR] [--no-busbw] [--plot-only] [--quick]
 
 Every worker gets the same ``--threads`` TF threads, so N workers use N x threads cores.
-E(N) = images/sec(N) / (N x images/sec(1)). Outputs in ``--out``: ``cnn.jsonl`` (one
+E(N) = images/sec(N) / (N x images/sec(1)). With ``--repeats R`` every point is run R
+times, the N = 1..max runs of one repeat back to back, so slow drifts in load hit them
+alike; images/sec is the median over repeats, E(N) the median of the repeats' own
+E(N) (repeat i of N against repeat i of 1), and ``efficiency_min``/``_max`` give the
+spread. Outputs in ``--out``: ``cnn.jsonl`` (one
 record per run, see benchmarks.cnn), ``busbw.json``, ``summary.json`` and the PNGs
 ``scaling_<model>.png`` and ``busbw.png``. The bus-bandwidth sweep times 2-worker
 allreduces of one float32 buffer per size: ringtrain's fused ``grouped_allreduce`` and
@@ -126,15 +130,42 @@ def busbw_sweep(sizes: list[int], reps: int, np_: int = 2) -> list[dict[str, Any
 
 
 def efficiencies(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Adds ``efficiency`` = ips(N) / (N ips(1)) to each record; the latest record per key wins."""
-    latest: dict[tuple[str, str, int], dict[str, Any]] = {}
+    """One row per (model, backend, N) with ``efficiency`` = ips(N) / (N ips(1)).
+
+    Per key, the records of its latest sweep count (all its repeats; a record without a
+    ``sweep_id`` stands alone). ``images_per_sec`` and the shares become the medians over
+    repeats; ``efficiency`` is the median of the repeats' own E(N), with min and max.
+    """
+    import numpy as np
+
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for r in records:
-        latest[(r["model"], r["backend"], r["np"])] = r
+        groups.setdefault((r["model"], r["backend"], r["np"]), []).append(r)
+    for key, rs in groups.items():
+        last = rs[-1].get("sweep_id")
+        groups[key] = [r for r in rs if last is not None and r.get("sweep_id") == last] or [rs[-1]]
+
+    def median(rs: list[dict[str, Any]], field: str) -> float | None:
+        values = [r[field] for r in rs if r.get(field) is not None]
+        return float(np.median(values)) if values else None
+
     out = []
-    for (model, backend, n), r in latest.items():
-        base = latest.get((model, backend, 1))
-        eff = r["images_per_sec"] / (n * base["images_per_sec"]) if base else None
-        out.append({**r, "efficiency": eff})
+    for (model, backend, n), rs in groups.items():
+        row = {**rs[-1], "repeats": len(rs), "images_per_sec_repeats": [r["images_per_sec"] for r in rs]}
+        for field in ("images_per_sec", "step_time_mean_s", "allreduce_share", "allreduce_busy_share"):
+            row[field] = median(rs, field)
+        base = groups.get((model, backend, 1))
+        if base:
+            if len(base) == len(rs):
+                effs = [
+                    r["images_per_sec"] / (n * b["images_per_sec"]) for r, b in zip(rs, base, strict=True)
+                ]
+            else:
+                effs = [r["images_per_sec"] / (n * median(base, "images_per_sec")) for r in rs]
+            row.update(efficiency=float(np.median(effs)), efficiency_min=min(effs), efficiency_max=max(effs))
+        else:
+            row.update(efficiency=None, efficiency_min=None, efficiency_max=None)
+        out.append(row)
     return sorted(out, key=lambda r: (r["model"], r["backend"], r["np"]))
 
 
@@ -195,6 +226,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image-size", default="inception1:112,vgg16:64,vgg19:64", help="int or model:int,...")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1, help="runs per point; medians and spread reported")
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--out", default=_DEFAULT_OUT, help="folder for cnn.jsonl, busbw.json, summary.json, PNGs")
     p.add_argument("--busbw-sizes", default="64K..64M", help="'LO..HI' (powers of 4) or a comma list")
@@ -229,25 +261,28 @@ def main(argv: list[str] | None = None) -> int:
         base = cnn.BenchConfig(
             threads=args.threads, steps=args.steps, warmup=args.warmup, classes=args.classes
         )
+        sweep_id = time.strftime("%Y%m%dT%H%M%S")
         for model in models:
             for backend in backends:
-                for n in range(1, args.max_np + 1):
-                    cfg = replace(
-                        base,
-                        model=model,
-                        backend=backend,
-                        np=n,
-                        batch_size=batches[model],
-                        image_size=images[model],
-                    )
-                    print(f"== {model} {backend} N={n}", flush=True)
-                    record = cnn.run_benchmark(cfg)
-                    record["command"] = "python -m benchmarks.sweep " + " ".join(
-                        sys.argv[1:] if argv is None else argv
-                    )
-                    cnn.append_record(jsonl, record)
-                    records.append(record)
-                    print(cnn.format_record(record), flush=True)
+                for repeat in range(args.repeats):
+                    for n in range(1, args.max_np + 1):
+                        cfg = replace(
+                            base,
+                            model=model,
+                            backend=backend,
+                            np=n,
+                            batch_size=batches[model],
+                            image_size=images[model],
+                        )
+                        print(f"== {model} {backend} N={n} repeat {repeat + 1}/{args.repeats}", flush=True)
+                        record = cnn.run_benchmark(cfg)
+                        record["command"] = "python -m benchmarks.sweep " + " ".join(
+                            sys.argv[1:] if argv is None else argv
+                        )
+                        record.update(sweep_id=sweep_id, repeat=repeat)
+                        cnn.append_record(jsonl, record)
+                        records.append(record)
+                        print(cnn.format_record(record), flush=True)
     records = [r for r in efficiencies(records) if r["model"] in models and r["backend"] in backends]
 
     busbw: list[dict[str, Any]] = []
@@ -287,16 +322,34 @@ def main(argv: list[str] | None = None) -> int:
             k: r.get(k)
             for k in ("model", "backend", "np", "image_size", "batch_per_worker", "threads_per_worker")
         }
-        | {k: r.get(k) for k in ("images_per_sec", "efficiency", "step_time_mean_s", "allreduce_share")}
+        | {
+            k: r.get(k)
+            for k in (
+                "repeats",
+                "images_per_sec",
+                "images_per_sec_repeats",
+                "efficiency",
+                "efficiency_min",
+                "efficiency_max",
+                "step_time_mean_s",
+                "allreduce_share",
+                "allreduce_busy_share",
+            )
+        }
         for r in records
     ]
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     for row in summary:
         eff = "-" if row["efficiency"] is None else f"{row['efficiency']:.3f}"
+        if row["efficiency"] is not None and row["repeats"] and row["repeats"] > 1:
+            eff += f" [{row['efficiency_min']:.3f}..{row['efficiency_max']:.3f}]"
+        share = "" if row["allreduce_share"] is None else f"  waits {100 * row['allreduce_share']:.1f}%"
+        if row.get("allreduce_busy_share") is not None:
+            share += f", reduces {100 * row['allreduce_busy_share']:.1f}% of the step"
         print(
             f"{row['model']:10s} {row['backend']:3s} N={row['np']} "
-            f"{row['images_per_sec']:8.2f} images/sec  E={eff}"
+            f"{row['images_per_sec']:8.2f} images/sec  E={eff}{share}"
         )
     if args.quick:
         _check_outputs(args.out, records, pngs, busbw)

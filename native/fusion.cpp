@@ -13,8 +13,9 @@
 //   * scaling multiplies in float32 (float64 for float64 buffers) and rounds
 //     once back to the element type;
 //   * integers are averaged by floor division (rounding toward -inf).
-// The copy loops run with the GIL released and, above a size threshold, on a few
-// std::threads.
+// The conversions (convert.cpp) use AVX2/F16C where the CPU has them. The copy
+// loops run with the GIL released and, above a size threshold, on a few
+// std::threads. The shared-memory allreduce lives in shm.cpp.
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -28,232 +29,16 @@
 #include <thread>
 #include <vector>
 
+#include "arrays.h"
+#include "kernels.h"
+#include "shm.h"
+
 namespace py = pybind11;
+using namespace ringtrain;
 
 namespace {
 
-// ---------------------------------------------------------------- conversions
-
-inline uint32_t float_bits(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, sizeof u);
-    return u;
-}
-
-inline float bits_float(uint32_t u) {
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-// float32 -> float16 bits, the same algorithm numpy uses for astype(float16).
-inline uint16_t f32_to_f16(float value) {
-    const uint32_t f = float_bits(value);
-    const uint16_t h_sgn = static_cast<uint16_t>((f & 0x80000000u) >> 16);
-    uint32_t f_exp = f & 0x7f800000u;
-    uint32_t f_sig;
-
-    if (f_exp >= 0x47800000u) {  // overflow, inf or NaN
-        if (f_exp == 0x7f800000u) {
-            f_sig = f & 0x007fffffu;
-            if (f_sig != 0) {  // NaN: keep the top payload bits, never turn into inf
-                uint16_t ret = static_cast<uint16_t>(0x7c00u + (f_sig >> 13));
-                if (ret == 0x7c00u) {
-                    ++ret;
-                }
-                return static_cast<uint16_t>(h_sgn + ret);
-            }
-        }
-        return static_cast<uint16_t>(h_sgn + 0x7c00u);
-    }
-    if (f_exp <= 0x38000000u) {  // subnormal half or zero
-        if (f_exp < 0x33000000u) {
-            return h_sgn;
-        }
-        f_exp >>= 23;
-        f_sig = 0x00800000u + (f & 0x007fffffu);
-        f_sig >>= (113 - f_exp);
-        // Ties to even: the shift may have dropped up to 11 low bits, so look
-        // at them in the original word as well.
-        if (((f_sig & 0x00003fffu) != 0x00001000u) || (f & 0x000007ffu)) {
-            f_sig += 0x00001000u;
-        }
-        return static_cast<uint16_t>(h_sgn + (f_sig >> 13));
-    }
-    const uint32_t h_exp = (f_exp - 0x38000000u) >> 13;
-    f_sig = f & 0x007fffffu;
-    if ((f_sig & 0x00003fffu) != 0x00001000u) {
-        f_sig += 0x00001000u;
-    }
-    // A carry out of the significand bumps the exponent, possibly to inf.
-    return static_cast<uint16_t>(h_sgn + (f_sig >> 13) + h_exp);
-}
-
-// float16 bits -> float32, exact (numpy's npy_halfbits_to_floatbits).
-inline float f16_to_f32(uint16_t h) {
-    const uint32_t f_sgn = static_cast<uint32_t>(h & 0x8000u) << 16;
-    const uint16_t h_exp = h & 0x7c00u;
-    if (h_exp == 0x0000u) {
-        uint16_t h_sig = h & 0x03ffu;
-        if (h_sig == 0) {
-            return bits_float(f_sgn);
-        }
-        // Subnormal: normalise the significand.
-        h_sig <<= 1;
-        uint32_t shift = 0;
-        while ((h_sig & 0x0400u) == 0) {
-            h_sig <<= 1;
-            ++shift;
-        }
-        const uint32_t f_exp = (127 - 15 - shift) << 23;
-        const uint32_t f_sig = static_cast<uint32_t>(h_sig & 0x03ffu) << 13;
-        return bits_float(f_sgn + f_exp + f_sig);
-    }
-    if (h_exp == 0x7c00u) {  // inf or NaN, payload kept
-        return bits_float(f_sgn + 0x7f800000u + (static_cast<uint32_t>(h & 0x03ffu) << 13));
-    }
-    return bits_float(f_sgn + ((static_cast<uint32_t>(h & 0x7fffu) + 0x1c000u) << 13));
-}
-
-// float32 -> bfloat16 bits, round to nearest even (as ml_dtypes does).
-inline uint16_t f32_to_bf16(float value) {
-    const uint32_t f = float_bits(value);
-    if ((f & 0x7fffffffu) > 0x7f800000u) {  // NaN
-        return static_cast<uint16_t>((f & 0x80000000u) ? 0xffc0u : 0x7fc0u);
-    }
-    const uint32_t lsb = (f >> 16) & 1u;
-    return static_cast<uint16_t>((f + 0x7fffu + lsb) >> 16);
-}
-
-inline float bf16_to_f32(uint16_t b) { return bits_float(static_cast<uint32_t>(b) << 16); }
-
-template <typename T>
-inline T floor_div(T a, T n) {  // n > 0
-    T q = a / n;
-    if ((a % n) < 0) {
-        --q;
-    }
-    return q;
-}
-
-// -------------------------------------------------------------------- kernels
-// Each kernel converts `count` elements from src to dst; the dispatch below
-// chooses one per call so the inner loops stay branch-free and vectorisable.
-
-struct Params {
-    float scale32 = 1.0f;
-    double scale64 = 1.0;
-    int64_t divisor = 1;
-};
-
-using Kernel = void (*)(const char* src, char* dst, size_t count, const Params& p);
-
-void k_bytes(const char* src, char* dst, size_t count, const Params&) { std::memcpy(dst, src, count); }
-
-void k_scale_f32(const char* src, char* dst, size_t count, const Params& p) {
-    const float* s = reinterpret_cast<const float*>(src);
-    float* d = reinterpret_cast<float*>(dst);
-    const float k = p.scale32;
-    for (size_t i = 0; i < count; ++i) {
-        d[i] = s[i] * k;
-    }
-}
-
-void k_scale_f64(const char* src, char* dst, size_t count, const Params& p) {
-    const double* s = reinterpret_cast<const double*>(src);
-    double* d = reinterpret_cast<double*>(dst);
-    const double k = p.scale64;
-    for (size_t i = 0; i < count; ++i) {
-        d[i] = s[i] * k;
-    }
-}
-
-void k_scale_f16(const char* src, char* dst, size_t count, const Params& p) {
-    const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-    uint16_t* d = reinterpret_cast<uint16_t*>(dst);
-    for (size_t i = 0; i < count; ++i) {
-        d[i] = f32_to_f16(f16_to_f32(s[i]) * p.scale32);
-    }
-}
-
-void k_scale_bf16(const char* src, char* dst, size_t count, const Params& p) {
-    const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-    uint16_t* d = reinterpret_cast<uint16_t*>(dst);
-    for (size_t i = 0; i < count; ++i) {
-        d[i] = f32_to_bf16(bf16_to_f32(s[i]) * p.scale32);
-    }
-}
-
-template <typename T>
-void k_floor_div(const char* src, char* dst, size_t count, const Params& p) {
-    const T* s = reinterpret_cast<const T*>(src);
-    T* d = reinterpret_cast<T*>(dst);
-    const T n = static_cast<T>(p.divisor);
-    for (size_t i = 0; i < count; ++i) {
-        d[i] = floor_div<T>(s[i], n);
-    }
-}
-
-void k_f32_to_f16(const char* src, char* dst, size_t count, const Params&) {
-    const float* s = reinterpret_cast<const float*>(src);
-    uint16_t* d = reinterpret_cast<uint16_t*>(dst);
-    for (size_t i = 0; i < count; ++i) {
-        d[i] = f32_to_f16(s[i]);
-    }
-}
-
-void k_f32_to_bf16(const char* src, char* dst, size_t count, const Params&) {
-    const float* s = reinterpret_cast<const float*>(src);
-    uint16_t* d = reinterpret_cast<uint16_t*>(dst);
-    for (size_t i = 0; i < count; ++i) {
-        d[i] = f32_to_bf16(s[i]);
-    }
-}
-
-void k_f16_to_f32(const char* src, char* dst, size_t count, const Params& p) {
-    const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-    float* d = reinterpret_cast<float*>(dst);
-    for (size_t i = 0; i < count; ++i) {
-        d[i] = f16_to_f32(s[i]);
-    }
-    (void)p;
-}
-
-void k_f16_to_f32_scaled(const char* src, char* dst, size_t count, const Params& p) {
-    const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-    float* d = reinterpret_cast<float*>(dst);
-    const float k = p.scale32;
-    for (size_t i = 0; i < count; ++i) {
-        d[i] = f16_to_f32(s[i]) * k;
-    }
-}
-
-void k_bf16_to_f32(const char* src, char* dst, size_t count, const Params&) {
-    const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-    float* d = reinterpret_cast<float*>(dst);
-    for (size_t i = 0; i < count; ++i) {
-        d[i] = bf16_to_f32(s[i]);
-    }
-}
-
-void k_bf16_to_f32_scaled(const char* src, char* dst, size_t count, const Params& p) {
-    const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-    float* d = reinterpret_cast<float*>(dst);
-    const float k = p.scale32;
-    for (size_t i = 0; i < count; ++i) {
-        d[i] = bf16_to_f32(s[i]) * k;
-    }
-}
-
 // ------------------------------------------------------------------ scheduler
-
-// One tensor's slice of the fused buffer, in elements of the kernel's unit.
-struct Segment {
-    const char* src;
-    char* dst;
-    size_t count;
-    size_t start;  // first element of this segment in the fused buffer
-};
 
 // Threads are used only when every thread gets at least this many bytes of
 // output; below it, starting threads costs more than the copy saves. The
@@ -275,21 +60,11 @@ unsigned thread_count(size_t total_dst_bytes) {
     return static_cast<unsigned>(std::max<size_t>(1, std::min<size_t>(cap, by_size)));
 }
 
-// Runs the kernel over elements [begin, end) of the fused buffer.
-void run_range(const std::vector<Segment>& segs, Kernel kernel, const Params& p, size_t src_unit,
-               size_t dst_unit, size_t begin, size_t end) {
-    // First segment that ends after `begin`.
-    auto it = std::upper_bound(segs.begin(), segs.end(), begin,
-                               [](size_t value, const Segment& s) { return value < s.start + s.count; });
-    for (; it != segs.end() && it->start < end; ++it) {
-        const size_t lo = std::max(begin, it->start);
-        const size_t hi = std::min(end, it->start + it->count);
-        if (hi <= lo) {
-            continue;
-        }
-        const size_t off = lo - it->start;
-        kernel(it->src + off * src_unit, it->dst + off * dst_unit, hi - lo, p);
-    }
+// Runs the kernel over [begin, end), then fences its non-temporal stores.
+void run_fenced(const std::vector<Segment>& segs, Kernel kernel, const Params& p, size_t src_unit,
+                size_t dst_unit, size_t begin, size_t end) {
+    run_range(segs, kernel, p, src_unit, dst_unit, begin, end);
+    stream_fence();
 }
 
 void run_segments(const std::vector<Segment>& segs, Kernel kernel, const Params& p, size_t src_unit,
@@ -297,10 +72,14 @@ void run_segments(const std::vector<Segment>& segs, Kernel kernel, const Params&
     if (total == 0) {
         return;
     }
+    if (total * dst_unit >= kStreamBytes) {  // far beyond the cache: skip it
+        if (kernel == k_bytes) kernel = k_bytes_stream;
+        if (kernel == k_scale_f32) kernel = k_scale_f32_stream;
+    }
     py::gil_scoped_release release;
     const unsigned n = thread_count(total * dst_unit);
     if (n <= 1) {
-        run_range(segs, kernel, p, src_unit, dst_unit, 0, total);
+        run_fenced(segs, kernel, p, src_unit, dst_unit, 0, total);
         return;
     }
     // Equal element ranges, rounded to 64 elements so threads do not share
@@ -315,31 +94,16 @@ void run_segments(const std::vector<Segment>& segs, Kernel kernel, const Params&
     std::vector<std::thread> workers;
     workers.reserve(n - 1);
     for (unsigned t = 1; t < n; ++t) {
-        workers.emplace_back(run_range, std::cref(segs), kernel, std::cref(p), src_unit, dst_unit, bounds[t],
+        workers.emplace_back(run_fenced, std::cref(segs), kernel, std::cref(p), src_unit, dst_unit, bounds[t],
                              bounds[t + 1]);
     }
-    run_range(segs, kernel, p, src_unit, dst_unit, bounds[0], bounds[1]);
+    run_fenced(segs, kernel, p, src_unit, dst_unit, bounds[0], bounds[1]);
     for (auto& w : workers) {
         w.join();
     }
 }
 
 // ------------------------------------------------------------------- bindings
-
-const char* contiguous_data(const py::array& a, const char* what) {
-    if (!(a.flags() & py::array::c_style)) {
-        throw std::invalid_argument(std::string(what) + " must be C-contiguous");
-    }
-    return static_cast<const char*>(a.data());
-}
-
-char* writable_data(py::array& a, const char* what) {
-    contiguous_data(a, what);
-    if (!a.writeable()) {
-        throw std::invalid_argument(std::string(what) + " must be writable");
-    }
-    return static_cast<char*>(a.mutable_data());
-}
 
 // Element kinds named by the Python face; "raw" means any dtype copied as bytes.
 size_t kind_size(const std::string& kind) {
@@ -400,7 +164,7 @@ void unpack(py::array src, const std::vector<py::array>& dsts, const std::string
     size_t dst_unit = 1;
     if (compress == "fp16" || compress == "bf16") {
         const bool h = compress == "fp16";
-        kernel = unit ? (h ? k_f16_to_f32 : k_bf16_to_f32) : (h ? k_f16_to_f32_scaled : k_bf16_to_f32_scaled);
+        kernel = h ? k_f16_to_f32 : k_bf16_to_f32;  // widen, then * scale unless it is 1
         src_unit = 2;
         dst_unit = 4;
     } else if (!compress.empty()) {
@@ -463,4 +227,29 @@ PYBIND11_MODULE(_native, m) {
         "Tune the copy threads: at most max_threads, each with at least min_bytes_per_thread of output.");
     m.def("get_threading", []() { return py::make_tuple(g_max_threads, g_min_bytes_per_thread); },
           "Return (max_threads, min_bytes_per_thread).");
+    m.def("simd_path", &simd_path, "The conversion path in use: 'avx2+f16c' or 'scalar'.");
+    m.def("set_simd", &set_simd, py::arg("enabled"),
+          "False forces the scalar conversions (tests compare both); True restores the CPU's best.");
+    m.def(
+        "half_add",
+        [](py::array a, py::array b, py::array out, const std::string& kind) {
+            const size_t n = static_cast<size_t>(out.size());
+            if (a.size() != out.size() || b.size() != out.size() || a.itemsize() != 2 || b.itemsize() != 2 ||
+                out.itemsize() != 2) {
+                throw std::invalid_argument("half_add needs three 16-bit arrays of one size");
+            }
+            const auto* x = reinterpret_cast<const uint16_t*>(contiguous_data(a, "a"));
+            const auto* y = reinterpret_cast<const uint16_t*>(contiguous_data(b, "b"));
+            auto* z = reinterpret_cast<uint16_t*>(writable_data(out, "out"));
+            if (kind == "f2") {
+                f16_add_n(x, y, z, n);
+            } else if (kind == "bf16") {
+                bf16_add_n(x, y, z, n);
+            } else {
+                throw std::invalid_argument("half_add kind must be 'f2' or 'bf16'");
+            }
+        },
+        py::arg("a"), py::arg("b"), py::arg("out"), py::arg("kind"),
+        "out = a + b for float16 ('f2') or bfloat16 ('bf16') bits, rounded once: the compressed sum.");
+    register_shm(m);
 }

@@ -59,18 +59,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-_BYTES = re.compile(r"^(\d+)\s*(?:([kmgt])(?:i?b)?|b)?$", re.IGNORECASE)
-
-
-def byte_count(text: str) -> int:
-    """``"128M"``-style sizes: a whole number of bytes with an optional K/M/G/T (binary) suffix."""
-    match = _BYTES.match(text.strip())
-    if not match:
-        raise ValueError("must be a whole number of bytes, optionally with K, M or G (e.g. 128M)")
-    power = " kmgt".index(match.group(2).lower()) if match.group(2) else 0
-    return int(match.group(1)) << (10 * power)
-
-
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip().lower() or allowed[0]
@@ -100,19 +88,6 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-_BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-def _byte_count(text: str) -> int:
-    """Whole bytes, optionally with a binary K, M or G suffix: ``268435456``, ``256M``."""
-    stripped = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = stripped[-1:] if stripped[-1:] in _BYTE_UNITS else ""
-    number = stripped[: len(stripped) - len(unit)]
-    if not number.isdigit():
-        raise ValueError("must be a whole number of bytes, optionally with a K, M or G suffix")
-    return int(number) * _BYTE_UNITS[unit]
-
-
 def _flag(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -120,6 +95,52 @@ def _flag(text: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise ValueError("must be 1/0, true/false, yes/no or on/off")
+
+
+_SIZE_RE = re.compile(r"^(\d+)\s*(?:([kmgt])(?:i?b)?|b)?$", re.IGNORECASE)
+_SIZE_UNITS = {None: 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+SIZE_HINT = "use a whole number of bytes, optionally with a K, M or G suffix (e.g. 16777216 or 16M)"
+
+
+def byte_size(text: str) -> int:
+    """Parse ``"16M"``-style byte counts (binary units); ValueError on anything else."""
+    match = _SIZE_RE.match(text.strip())
+    if not match:
+        raise ValueError(f"not a byte count; {SIZE_HINT}")
+    unit = match.group(2).lower() if match.group(2) else None
+    return int(match.group(1)) * _SIZE_UNITS[unit]
+
+
+# Chosen by measurement (benchmarks/RESULTS.md, "How the settings were chosen"): the
+# smallest size that still fuses all small tensors of a ResNet-50 into one bucket, and
+# fine enough to cut gradients into several buckets that start during backprop; 1 MiB
+# buckets were slower.
+DEFAULT_FUSION_THRESHOLD = "16M"
+DEFAULT_SHM_CHUNK = "auto"
+
+
+def _fusion_threshold(text: str) -> int:
+    return byte_size(text if text.strip() else DEFAULT_FUSION_THRESHOLD)
+
+
+def _fusion_shm(text: str) -> str:
+    value = text.strip().lower() or "auto"
+    if value in ("1", "on", "true", "yes"):
+        return "on"
+    if value in ("0", "off", "false", "no"):
+        return "off"
+    if value != "auto":
+        raise ValueError("use auto, on or off")
+    return value
+
+
+def _shm_chunk(text: str) -> int | str:
+    if text.strip().lower() in ("", "auto"):
+        return "auto"
+    value = byte_size(text)
+    if value < 4096:
+        raise ValueError("must be at least 4K")
+    return value
 
 
 VARS: dict[str, Var] = {
@@ -233,7 +254,7 @@ VARS: dict[str, Var] = {
         Var(
             "RINGTRAIN_DATA_SHUFFLE_WINDOW",
             "32M",
-            _byte_count,
+            byte_size,
             "Shuffled shard reads visit blocks of about 1 MiB in random order and mix the rows of "
             "this many bytes of blocks at a time, so reads stay sequential on disk; 0 shuffles "
             "the whole shard uniformly (scattered reads: fast only while it sits in page cache).",
@@ -241,18 +262,19 @@ VARS: dict[str, Var] = {
         Var(
             "RINGTRAIN_DATA_MAPPED_LIMIT",
             "64M",
-            _byte_count,
+            byte_size,
             "A worker reading its shard hands the file's mapped pages back to the kernel once this "
             "many bytes of them are resident (K/M/G suffixes accepted), bounding its resident "
             "memory; 0 never does.",
         ),
-        # Fused buffers: used by ringtrain.fusion in the workers; checked on the driver and
-        # forwarded, so every rank buckets the same way.
+        # Fused buffers and collectives: read lazily, at the first collective, so a bad
+        # value never breaks `import ringtrain`; every rank must see the same values.
         Var(
             "RINGTRAIN_FUSION_THRESHOLD",
-            "128M",
-            byte_count,
-            "Fused-buffer bucket size in bytes (K/M/G suffixes accepted); 0 puts every tensor alone.",
+            DEFAULT_FUSION_THRESHOLD,
+            _fusion_threshold,
+            "Fused-buffer bucket size in bytes (K/M/G suffixes accepted); 0 puts every tensor alone. "
+            "Tensors of at least 1 MiB skip the bucket and reduce straight into their output.",
             forward=True,
         ),
         Var(
@@ -268,6 +290,24 @@ VARS: dict[str, Var] = {
             "1",
             _positive_int,
             "Threads the native extension may use to pack or unpack one buffer.",
+            forward=True,
+        ),
+        Var(
+            "RINGTRAIN_FUSION_SHM",
+            "auto",
+            _fusion_shm,
+            "auto reduces through one POSIX shared-memory segment per host (MPI only between hosts) "
+            "when the native extension is built; off always uses MPI; on is auto that fails "
+            "instead of falling back to MPI.",
+            forward=True,
+        ),
+        Var(
+            "RINGTRAIN_FUSION_SHM_CHUNK",
+            DEFAULT_SHM_CHUNK,
+            _shm_chunk,
+            "Bytes each rank stages per step of the shared-memory allreduce (K/M suffixes; >= 4K). "
+            "auto: 1M, less with more than 16 ranks per host, so the segment stays within 32 MiB "
+            "(never below 256K): small enough to stay in the cache, large enough to amortise the barriers.",
             forward=True,
         ),
         # Read by `ringtrain launch` only, as defaults for its flags; a flag beats its variable.
@@ -343,13 +383,26 @@ INTERNAL = {
     "RINGTRAIN_RESTART_COUNT": "which attempt this is: 0 first, then 1, 2, ... (ringtrain.restart_count())",
     "RINGTRAIN_RESULTS": "whose return values travel to the driver: all, none, or a comma list of ranks",
     "RINGTRAIN_DATA_DIR": "the task's data directory (layout.json, one Arrow IPC file per dataset)",
+    "RINGTRAIN_SHM_HOST_KEY": "tests: replaces this rank's host identity for the shared-memory allreduce, "
+    "so one machine can pose as several hosts",
+    "RINGTRAIN_REQUIRE_NATIVE": "tests (scripts/test.sh sets 1): a native extension that failed to build "
+    "fails the suite instead of leaving only the numpy twin tested",
+    "RINGTRAIN_TEST_SESSION": "tests: a per-session marker every started process inherits, so leak checks "
+    "find this session's processes only",
+    "RINGTRAIN_FAKE_GPU_COUNTER": "tests: the file tests/helpers/fake_gpus.sh counts in, handing each "
+    "executor the next two fake GPU addresses",
 }
 
 
 def get(name: str, environ: Mapping[str, str] | None = None):
-    """Return the parsed value of ``name``, from the environment or its default."""
+    """Return the parsed value of ``name``, from the environment or its default.
+
+    A variable set to an empty (or blank) value counts as unset.
+    """
     var = VARS[name]
-    raw = (os.environ if environ is None else environ).get(name, var.default)
+    raw = (os.environ if environ is None else environ).get(name, "")
+    if not raw.strip():
+        raw = var.default
     try:
         return var.parse(raw)
     except ValueError as err:

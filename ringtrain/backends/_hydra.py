@@ -1,11 +1,12 @@
 """Form one MPI world across Spark barrier tasks with Hydra's manual launcher.
 
-One task agent runs ``mpiexec -launcher manual``. mpiexec does not start any
-process itself: it prints one ``HYDRA_LAUNCH: <hydra_pmi_proxy argv>`` line per
-"host" and waits for those proxies to dial back to its control port. The agent
-hands each argv to the agent of the matching partition (through the barrier
-allGather); every agent runs its proxy, the proxies start the ranks, and the
-ranks share one COMM_WORLD. No ssh and no hostfile are involved.
+One task agent (partition 0's) runs ``mpiexec -launcher manual``. mpiexec does
+not start any process itself: it prints one ``HYDRA_LAUNCH: <hydra_pmi_proxy argv>``
+line per "host" and waits for those proxies to dial back to its control port. The
+agent sends the argv list to the driver over the job's authenticated control
+channel, and the driver relays it to every agent (``protocol.MpiLaunch``); each
+agent runs the proxy of its partition, the proxies start the ranks, and the ranks
+share one COMM_WORLD. No ssh and no hostfile are involved.
 
 This module holds the pure pieces (command line, launch-line parsing) and the
 small process helpers (start mpiexec, start a proxy, tear a group down).

@@ -6,8 +6,9 @@ Every rank must call the same collectives in the same order with tensors of the
 same shapes and dtypes; a mismatch raises :class:`ringtrain.BackendError` on every
 rank, naming the ranks. Inputs are numpy arrays or TensorFlow tensors of float32,
 float64, float16, bfloat16, int32 or int64; results come back as the same kind and
-dtype. Reductions go through fused buckets (:mod:`ringtrain.fusion`), one MPI call
-per bucket.
+dtype. Within a host, reductions go through one shared-memory segment (native
+extension); otherwise through MPI: large tensors straight into their outputs, small
+ones fused into buckets (:mod:`ringtrain.fusion`), one MPI call per bucket.
 
 Numeric semantics:
 
@@ -15,8 +16,14 @@ Numeric semantics:
   (``sum // size``), as :func:`ringtrain.fusion.unpack` documents.
 * float16/bfloat16 are summed in float32 (MPI has no half types), scaled in
   float32 and rounded once back, so an fp16 allreduce is as exact as its rounding.
-* ``compression="fp16"``/``"bf16"`` sends float32 buckets as 16-bit floats and
-  sums them with a user-defined MPI op.
+* ``compression="fp16"``/``"bf16"`` (gradient tape, optimizer) sends float32
+  tensors as 16-bit floats, summed in that type (rounded after each add), and widens
+  the sum before scaling: relative error about 2**-11 (fp16) or 2**-8 (bf16) per
+  rounding. Where both addends are NaN, which NaN results is unspecified.
+* Sums run in rank order on the shared-memory path; MPI fixes no order, so with more
+  than two ranks float results may differ in the last bit between the paths.
+* Returned numpy arrays may be reused by a later call with the same tensors, but only
+  once nothing references them any more.
 * TF tensors and variables give TF results; inside ``tf.function`` every collective
   is one stateful op, run in program order (see :mod:`._tfops`).
 
@@ -101,11 +108,10 @@ def grouped_allreduce(
     prescale_factor: float = 1.0,
     postscale_factor: float = 1.0,
 ) -> list[Any]:
-    """Allreduce many tensors at once: fused into buckets, one MPI call per bucket.
-
-    Bucket size is ``RINGTRAIN_FUSION_THRESHOLD`` (default 128 MiB); tensors of one
-    dtype share buckets. Results keep the input order, kinds and dtypes. Options as
-    for :func:`allreduce`.
+    """Allreduce many tensors at once: one shared-memory reduction per dtype within a host,
+    or over MPI one call per bucket (``RINGTRAIN_FUSION_THRESHOLD``, default 16 MiB) or per
+    large tensor. Results keep the input order, kinds and dtypes. Options as for
+    :func:`allreduce`.
     """
     what = _what("grouped_allreduce", name)
     return _reduce_many(list(tensors), op, what, compression, prescale_factor, postscale_factor)
@@ -216,9 +222,14 @@ def join() -> int:
 
 
 def call_counts() -> dict[str, int]:
-    """MPI calls this process has made, by MPI function (``Allreduce``, ``Bcast``...).
+    """Calls this process's collectives have made, by name, for tests and benchmarks.
 
-    ``Allgather`` counts the cross-rank signature checks; the rest carry tensor data.
+    MPI calls by MPI function: ``Allreduce``, ``Allgatherv``, ``Bcast`` and ``Alltoallv``
+    carry tensor data; ``Allgather`` counts the cross-rank signature checks made over MPI
+    (and alltoall's exchange of split counts). On a single host with shared memory the
+    signature checks are barriers in the segment, counted as ``shm_check``, and ``shm``
+    counts shared-memory reductions (one per dtype per allreduce). Set-up exchanges and
+    the descriptions ranks trade after a mismatch are not counted.
     """
     return dict(_engine.CALLS)
 
@@ -226,10 +237,12 @@ def call_counts() -> dict[str, int]:
 class DistributedGradientTape:
     """Wraps a ``tf.GradientTape`` so ``gradient()`` returns gradients allreduced across ranks.
 
-    Gradients go through the fused path (one MPI call per bucket). ``None`` gradients
-    stay ``None``; ``tf.IndexedSlices`` are made dense. Eagerly it calls MPI directly;
-    inside ``tf.function`` it inserts one ``tf.numpy_function``, so it cannot run under
-    XLA (``jit_compile=True``) or on TPUs, and the graph cannot be saved with it.
+    ``None`` gradients stay ``None``; ``tf.IndexedSlices`` are made dense. Eagerly it
+    reduces after the tape is done. Inside ``tf.function`` it overlaps the reduction
+    with backprop: gradient buckets (``RINGTRAIN_FUSION_THRESHOLD`` bytes, last layers
+    first) are handed to a communication thread by ``tf.numpy_function`` ops as soon as
+    they exist. It therefore cannot run under XLA (``jit_compile=True``) or on TPUs, and
+    the graph cannot be saved with it.
 
     Example::
 

@@ -1,15 +1,18 @@
 """``join()``: a rank that has run out of data keeps serving the others' allreduces.
 
-Every collective starts with the signature check (``_engine.check``): one Allgather of
-``[signature, extra]``. A rank inside :func:`join` answers each check with the
-signature of a "join" call and, as ``extra``, how many collectives it has served
-since it joined. When signatures differ every rank exchanges its :class:`Call`
-description (``_engine.check`` already does so to build the mismatch message), which
-tells a joined rank the shapes, dtypes, op and compression of the collective the
-others are running. It then runs the same collective with neutral inputs (zeros for
-Sum/Average, the dtype's largest value for Min and smallest for Max), re-using the
-check that already happened, so every rank makes the same MPI calls in the same
-order. Average still divides by the full world size, as Horovod's join does.
+Every collective starts with the signature check (``_engine.check``): one exchange of
+``[signature, extra]`` (a shared-memory barrier on one host, else an MPI Allgather). A
+rank inside :func:`join` answers each check with the signature of a "join" call and, as
+``extra``, how many collectives it has served since it joined. When signatures differ
+every rank exchanges its :class:`Call` description (``_engine.check`` already does so
+to build the mismatch message), which tells a joined rank the shapes, dtypes, op and
+compression of the collective the others are running. It then runs the same collective
+with neutral inputs (zeros for Sum/Average, the dtype's largest value for Min and
+smallest for Max), re-using the check that already happened, so every rank makes the
+same MPI calls in the same order. Average still divides by the full world size, as
+Horovod's join does. Each collective served is one step of ``join`` in the rank's
+progress record, so its count of collectives keeps pace with the running ranks' (the
+stall inspector compares these counts).
 
 Only allreduces (any op, fused or not, compressed or not) and barriers can be served;
 a broadcast, allgather or alltoall while a rank has joined raises ConfigError on
@@ -125,26 +128,26 @@ def join() -> int:
     call = Call(JOIN, "-", ())
     served = 0
     with _engine._lock:
-        comm, me, size = _engine.comm_info()
+        comm, me, _ = _engine.comm_info()
         while True:
+            # One step per collective the others run, counted once like theirs: the served
+            # allreduce runs inside this step, so the progress recorder takes it as part of it.
             with progress.collective(JOIN):
-                mine = np.array([signature(call), served], dtype=np.int64)
-                gathered = np.empty((size, 2), dtype=np.int64)
-                comm.Allgather(mine, gathered)
-                _engine.CALLS["Allgather"] += 1
-                if (gathered[:, 0] == mine[0]).all():
+                sig = signature(call)
+                gathered = _engine.exchange(comm, sig, served)
+                if (gathered[:, 0] == sig).all():
                     return _last_joined(gathered)
-                calls = comm.allgather(call)
-            target = served_call(calls, me)
-            if target is None:
-                raise BackendError(mismatch_message(calls, me))
-            if target.what != BARRIER:
-                op = _REDUCE_OPS[target.op]
-                _replay = gathered
-                try:
-                    _engine.fused_allreduce(
-                        [neutral(spec, op) for spec in target.specs], op, target.what, target.compression
-                    )
-                finally:
-                    _replay = None
+                calls = _engine.gather_calls(comm, call)
+                target = served_call(calls, me)
+                if target is None:
+                    raise BackendError(mismatch_message(calls, me))
+                if target.what != BARRIER:
+                    op = _REDUCE_OPS[target.op]
+                    _replay = gathered
+                    try:
+                        _engine.fused_allreduce(
+                            [neutral(spec, op) for spec in target.specs], op, target.what, target.compression
+                        )
+                    finally:
+                        _replay = None
             served += 1

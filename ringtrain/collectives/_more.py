@@ -149,7 +149,7 @@ def alltoall(array: np.ndarray, splits: Any = None, what: str = "alltoall") -> t
             )
         matrix = np.empty((size, size), np.int64)  # matrix[i, j]: rows rank i sends to rank j
         comm.Allgather(counts, matrix)
-        _engine.CALLS["Allgather"] += 1
+        _engine._count("Allgather")
         received = matrix[:, me].copy()
         row_bytes = int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize
         send = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
@@ -161,7 +161,7 @@ def alltoall(array: np.ndarray, splits: Any = None, what: str = "alltoall") -> t
             [send, send_counts, send_displs, MPI.BYTE],
             [out.reshape(-1).view(np.uint8), recv_counts, recv_displs, MPI.BYTE],
         )
-        _engine.CALLS["Alltoallv"] += 1
+        _engine._count("Alltoallv")
     return out, received
 
 

@@ -1,14 +1,18 @@
 """What one rank passes to a collective, a 64-bit signature of it, and the mismatch message.
 
 Pure logic, no MPI: before each collective every rank allgathers the signature of its
-call; when they differ the ranks exchange their :class:`Call` descriptions and every
-rank raises the same message built by :func:`mismatch_message`.
+call; when they differ the ranks exchange their :class:`Call` descriptions (as JSON,
+:func:`encode_call`/:func:`decode_call`: the MPI world's members are not authenticated,
+so a peer's bytes are parsed, never unpickled) and every rank raises the same message
+built by :func:`mismatch_message`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +37,69 @@ class Call:
         if self.free_first_dim:
             specs = tuple((shape[1:], dtype) for shape, dtype in specs)
         return (self.what, self.op, self.root, specs, self.compression)
+
+
+_PLAIN = (type(None), bool, int, float, str)
+
+
+@dataclass(frozen=True)
+class Opaque:
+    """A value of another type that a peer passed (e.g. an invalid ``root_rank``), kept as its
+    ``repr`` and ``str`` so the mismatch message reads as it would have on that peer."""
+
+    text_repr: str
+    text_str: str
+
+    def __repr__(self) -> str:
+        return self.text_repr
+
+    def __str__(self) -> str:
+        return self.text_str
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.integer):
+        value = int(value)  # prints alike, and is a valid root_rank
+    if type(value) in _PLAIN:
+        return value
+    if isinstance(value, Opaque):
+        return {"repr": value.text_repr, "str": value.text_str}
+    return {"repr": repr(value), "str": str(value)}
+
+
+def _unplain(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) != {"repr", "str"} or not all(isinstance(v, str) for v in value.values()):
+            raise ValueError(f"unexpected value {value!r}")
+        return Opaque(value["repr"], value["str"])
+    if type(value) not in _PLAIN:
+        raise ValueError(f"unexpected value {value!r}")
+    return value
+
+
+def encode_call(call: Call) -> bytes:
+    """``call`` as JSON bytes (for :func:`decode_call` on another rank)."""
+    specs = [[list(shape), dtype] for shape, dtype in call.specs]
+    fields = [call.what, call.op, specs, _plain(call.root), call.free_first_dim, _plain(call.compression)]
+    return json.dumps(fields, separators=(",", ":")).encode()
+
+
+def decode_call(data: bytes) -> Call:
+    """The :class:`Call` another rank encoded; ValueError when ``data`` is not one."""
+    try:
+        what, op, raw_specs, root, free_first_dim, compression = json.loads(data)
+        specs = tuple((tuple(shape), dtype) for shape, dtype in raw_specs)
+    except (TypeError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"not a collective description: {exc}") from None
+    well_formed = (
+        isinstance(what, str)
+        and isinstance(op, str)
+        and isinstance(free_first_dim, bool)
+        and all(isinstance(dtype, str) and all(type(d) is int for d in shape) for shape, dtype in specs)
+    )
+    if not well_formed:
+        raise ValueError("not a collective description: a field has the wrong type")
+    return Call(what, op, specs, _unplain(root), free_first_dim, _unplain(compression))
 
 
 def spec_of(array: np.ndarray) -> Spec:

@@ -8,9 +8,11 @@ float32 buckets.
 
 Two implementations give bit-identical results: the C++ extension
 ``ringtrain.fusion._native`` (built by ``pip install -e .`` when a C++17 compiler
-is present; it releases the GIL) and a pure-numpy twin. ``RINGTRAIN_FUSION_IMPL``
-picks one: ``auto`` (default: native if built), ``native`` or ``numpy``.
-:data:`IMPLEMENTATION` names the one in use.
+is present; it releases the GIL and converts fp16/bf16 with AVX2/F16C where the
+CPU has them) and a pure-numpy twin. ``RINGTRAIN_FUSION_IMPL`` picks one: ``auto``
+(default: native if built), ``native`` or ``numpy``. The variables are read at
+first use, not at import, so a bad value cannot break ``import ringtrain``;
+:data:`IMPLEMENTATION` names the implementation in use.
 
 Example::
 
@@ -27,14 +29,13 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
-import re
 from collections.abc import Iterable, Sequence
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from ringtrain import env
 from ringtrain.errors import ConfigError
 from ringtrain.fusion import _numpy
 
@@ -48,6 +49,7 @@ __all__ = [
     "native_available",
     "pack",
     "plan_buckets",
+    "scale_in_place",
     "select_implementation",
     "unpack",
     "wire_dtype",
@@ -64,8 +66,8 @@ except ImportError as exc:  # not built (or built for another Python): the numpy
 else:
     _NATIVE_IMPORT_ERROR = None
 
-DEFAULT_FUSION_THRESHOLD = 128 * 1024 * 1024
-"""Default bucket size in bytes (128 MiB, as Horovod's current default)."""
+DEFAULT_FUSION_THRESHOLD = env.byte_size(env.DEFAULT_FUSION_THRESHOLD)
+"""Default bucket size in bytes (16 MiB, chosen by measurement: see benchmarks/RESULTS.md)."""
 
 THRESHOLD_ENV = "RINGTRAIN_FUSION_THRESHOLD"
 IMPL_ENV = "RINGTRAIN_FUSION_IMPL"
@@ -85,32 +87,14 @@ _KINDS = {"float16": "f2", "bfloat16": "bf16", "float32": "f4", "float64": "f8",
 
 
 def fusion_threshold() -> int:
-    """Bucket size in bytes from ``RINGTRAIN_FUSION_THRESHOLD`` (default 128 MiB).
+    """Bucket size in bytes from ``RINGTRAIN_FUSION_THRESHOLD`` (default 16 MiB).
 
     The value is a whole number of bytes, optionally with a binary suffix:
     ``67108864``, ``64M``, ``64MiB``, ``512K``, ``1G``. ``0`` disables fusion
     (every tensor gets its own bucket). An unset or empty variable means the default.
+    Read on every call, so a change takes effect at the next collective.
     """
-    raw = os.environ.get(THRESHOLD_ENV, "").strip()
-    if not raw:
-        return DEFAULT_FUSION_THRESHOLD
-    return parse_size(raw, THRESHOLD_ENV)
-
-
-_SIZE_RE = re.compile(r"^(\d+)\s*(?:([kmgt])(?:i?b)?|b)?$", re.IGNORECASE)
-_SIZE_UNITS = {None: 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str, what: str = "size") -> int:
-    """Parse ``"128M"``-style byte counts (binary units); raise ConfigError on anything else."""
-    match = _SIZE_RE.match(text.strip())
-    if not match:
-        raise ConfigError(
-            f"{what}={text!r} is not a byte count; use a whole number of bytes, "
-            "optionally with a K, M or G suffix (e.g. 134217728 or 128M); 0 disables fusion"
-        )
-    unit = match.group(2).lower() if match.group(2) else None
-    return int(match.group(1)) * _SIZE_UNITS[unit]
+    return env.get(THRESHOLD_ENV)
 
 
 # ------------------------------------------------------------------- planning
@@ -367,10 +351,12 @@ def get_implementation(name: str) -> FusedBuffers:
 
 def select_implementation(choice: str | None = None) -> FusedBuffers:
     """Choose by ``choice`` or ``RINGTRAIN_FUSION_IMPL``: auto (default) | native | numpy."""
-    raw = os.environ.get(IMPL_ENV, "") if choice is None else choice
-    value = raw.strip().lower() or "auto"
-    if value not in ("auto", "native", "numpy"):
-        raise ConfigError(f"{IMPL_ENV}={raw!r} is not valid; use auto, native or numpy")
+    if choice is None:
+        value = env.get(IMPL_ENV)
+    else:
+        value = choice.strip().lower() or "auto"
+        if value not in ("auto", "native", "numpy"):
+            raise ConfigError(f"{IMPL_ENV}={choice!r} is not valid; use auto, native or numpy")
     if value != "auto":
         return get_implementation(value)
     if _native is not None:
@@ -390,31 +376,30 @@ def fusion_threads() -> int:
     saturates memory bandwidth on small machines; servers with many memory
     channels may gain from 2-4.
     """
-    raw = os.environ.get(THREADS_ENV, "").strip()
-    if not raw:
-        return 1
-    if not raw.isdigit() or int(raw) < 1:
-        raise ConfigError(f"{THREADS_ENV}={raw!r} is not valid; use a whole number >= 1 (default 1)")
-    return int(raw)
+    return env.get(THREADS_ENV)
 
 
-_SELECTED: FusedBuffers | None = None
+_selected: FusedBuffers | None = None
 
 
-def _selected() -> FusedBuffers:
-    """The implementation in use, chosen on first use: a bad variable never breaks an import."""
-    global _SELECTED
-    if _SELECTED is None:
+def selected() -> FusedBuffers:
+    """The implementation behind :func:`pack` and :func:`unpack`, chosen at first use.
+
+    The first call reads ``RINGTRAIN_FUSION_IMPL`` and ``RINGTRAIN_FUSION_THREADS``
+    (a bad value raises ConfigError here, not at import).
+    """
+    global _selected
+    if _selected is None:
+        chosen = select_implementation()
         if _native is not None:
             _native.set_threading(fusion_threads(), _native.get_threading()[1])
-        _SELECTED = select_implementation()
-    return _SELECTED
+        _selected = chosen
+    return _selected
 
 
-def __getattr__(name: str) -> Any:
-    # IMPLEMENTATION: the implementation behind pack() and unpack(), "native" or "numpy".
+def __getattr__(name: str) -> Any:  # PEP 562: IMPLEMENTATION is decided at first use
     if name == "IMPLEMENTATION":
-        return _selected().name
+        return selected().name
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -431,7 +416,7 @@ def pack(arrays: Sequence[Any], out: np.ndarray | None = None, compress: str | N
     (round to nearest even); other dtypes travel uncompressed. ``out`` must not
     overlap the arrays. An empty ``arrays`` gives an empty buffer.
     """
-    return _selected().pack(arrays, out=out, compress=compress)
+    return selected().pack(arrays, out=out, compress=compress)
 
 
 def unpack(
@@ -459,4 +444,17 @@ def unpack(
       ``1/n`` for a whole ``n``, and the result is ``x // n`` (rounding toward
       minus infinity, as numpy's ``floor_divide``); anything else raises ConfigError.
     """
-    return _selected().unpack(buffer, like, scale=scale, compress=compress, out=out)
+    return selected().unpack(buffer, like, scale=scale, compress=compress, out=out)
+
+
+def scale_in_place(array: np.ndarray, scale: float) -> np.ndarray:
+    """Multiply a C-contiguous ``array`` by ``scale`` in place, with :func:`unpack`'s numerics.
+
+    Used for tensors reduced straight into their output: the averaging then costs one
+    pass over the result. Integers need ``scale`` = 1/n (floor division), as in unpack.
+    """
+    if not isinstance(array, np.ndarray) or not array.flags.c_contiguous:
+        raise ConfigError("scale_in_place needs a C-contiguous numpy array")
+    if float(scale) == 1.0 or array.size == 0:
+        return array
+    return selected().unpack(array.reshape(-1), [array], scale=scale, out=[array])[0]

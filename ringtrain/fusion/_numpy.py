@@ -71,7 +71,7 @@ def unpack(
         offset += n
         if compress:
             np.copyto(out, part, casting="unsafe")  # exact widening to float32
-            if not unit:
+            if np.float32(scale) != 1:  # as the native kernel: a float32 scale of 1 is not applied
                 np.multiply(out, np.float32(scale), out=out)
         elif unit:
             np.copyto(_bytes(d), part.view(np.uint8))

@@ -8,8 +8,9 @@
   by epoch (Horovod's semantics); ``BestModelCheckpoint`` keeps the best model, saved by rank 0.
 
 Works with Keras 3 (``import keras``) and tf-keras (``TF_USE_LEGACY_KERAS=1``,
-``tf.keras``). Limits: the train step is a ``tf.function`` and the optimizer calls MPI
-through one ``tf.numpy_function`` per step, so compile with ``jit_compile=False``
+``tf.keras``). Limits: the train step is a ``tf.function`` and the optimizer reaches MPI
+through ``tf.numpy_function`` ops (one per gradient bucket, so reduction overlaps
+backprop), so compile with ``jit_compile=False``
 (Keras 3 picks XLA by itself only on GPU hosts); ``run_eagerly=True`` also works.
 Only the TensorFlow backend of Keras 3 is supported.
 
@@ -81,15 +82,19 @@ def DistributedOptimizer(  # noqa: N802
 
     The copy is an instance of a subclass of the optimizer's own class, built from its
     config. Keras 3: ``apply``/``apply_gradients`` are wrapped; tf-keras:
-    ``apply_gradients``. Gradients go through one fused allreduce per step (one MPI
-    call per bucket), in the order the optimizer receives them, which Keras keeps
-    identical on every rank. ``compression="fp16"``/``"bf16"`` halves the bytes sent.
+    ``apply_gradients``. Inside the train step's ``tf.function`` the gradients are
+    reduced in buckets that start as soon as backprop has produced them (see
+    ``ringtrain.DistributedGradientTape``), in an order Keras keeps identical on every
+    rank. ``compression="fp16"``/``"bf16"`` halves the bytes sent.
 
     ``backward_passes_per_step=N`` sums gradients locally over N steps and allreduces
     and applies the sum on every N-th step (divided by N with
     ``average_aggregated_gradients=True``); the steps in between apply nothing.
     ``gradient_predivide_factor=f`` (op Average only) scales gradients by 1/f before
     the sum and by f/size after it, as Horovod does.
+
+    An optimizer that is already distributed comes back unchanged when the arguments
+    are the ones it was built with, and raises ConfigError when they differ.
     """
     cls = distributed_class(
         type(optimizer),
@@ -125,7 +130,21 @@ def distributed_class(
     predivide = float(gradient_predivide_factor)
     if predivide != 1.0 and op is not Average:
         raise ConfigError(f"gradient_predivide_factor={predivide} needs op=Average, got {op!r}")
+    settings = {
+        "op": op,
+        "compression": compression,
+        "backward_passes_per_step": passes,
+        "average_aggregated_gradients": average_aggregated_gradients,
+        "gradient_predivide_factor": predivide,
+    }
     if getattr(base, "_ringtrain_distributed", False):
+        built = base._ringtrain_settings
+        changed = [f"{k}={v!r} (it has {built[k]!r})" for k, v in settings.items() if v != built[k]]
+        if changed:
+            raise ConfigError(
+                f"this {base.__name__} optimizer is already distributed, with other settings: "
+                f"{', '.join(changed)}. Wrap the plain optimizer once, with every setting you want"
+            )
         return base
 
     def reduce(grads: list[Any]) -> list[Any]:
@@ -168,6 +187,7 @@ def distributed_class(
 
         methods = {"apply_gradients": apply_gradients}
     methods["_ringtrain_distributed"] = True
+    methods["_ringtrain_settings"] = settings
     return type(base.__name__, (base,), methods)
 
 

@@ -208,6 +208,9 @@ def _leave_backend() -> None:
     if os.environ.get("RINGTRAIN_BACKEND") == "mpi":
         from ..backends.mpi import mpi_module
 
+        stream = sys.modules.get("ringtrain.collectives._stream")
+        if stream is not None:  # collectives still queued on the communication thread finish first
+            stream.STREAM.drain()
         MPI = mpi_module()
         if MPI.Is_initialized() and not MPI.Is_finalized():
             MPI.Finalize()

@@ -10,6 +10,7 @@ import numpy as np
 
 import ringtrain
 from ringtrain import collectives as rc
+from ringtrain.collectives import _engine
 
 rank = ringtrain.rank()
 cases = {
@@ -19,6 +20,9 @@ cases = {
     "op": lambda: rc.allreduce(np.ones(2, np.float32), op=rc.Sum if rank == 0 else rc.Max),
     "root": lambda: rc.broadcast(np.ones(2, np.float32), root_rank=rank),
     "allgather": lambda: rc.allgather(np.ones((2, 3 + rank), np.int32)),
+    "compression": lambda: _engine.fused_allreduce(
+        [np.ones(4, np.float32)], rc.Sum, "gradients", "fp16" if rank == 0 else None
+    ),
 }
 for name, fn in cases.items():
     try:

@@ -132,17 +132,7 @@ def test_rank_outside_worker_is_a_clear_error(monkeypatch):
         ringtrain.rank()
 
 
-def _peer_still_alive(pidfile):
-    from pathlib import Path
-
-    if ringtrain.rank() == 1:
-        Path(pidfile).write_text(str(os.getpid()))
-        return None  # done at once
-    deadline = time.monotonic() + 30
-    while not Path(pidfile).exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(1.0)
-    pid = Path(pidfile).read_text()
+def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
@@ -150,7 +140,36 @@ def _peer_still_alive(pidfile):
         return False
 
 
+def _peer_stays_after_returning(folder):
+    from pathlib import Path
+
+    from ringtrain.protocol import WorkDir
+
+    peer = Path(folder) / "peer.json"
+    if ringtrain.rank() == 1:
+        result = WorkDir(os.environ["RINGTRAIN_WORKDIR"]).result(1)
+        Path(folder, "peer.tmp").write_text(json.dumps({"pid": os.getpid(), "result": str(result)}))
+        os.replace(Path(folder, "peer.tmp"), peer)
+        return None  # done at once: its worker hands in the result, then must wait for rank 0
+    deadline = time.monotonic() + 60
+    while not peer.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    about = json.loads(peer.read_text())
+    while not Path(about["result"]).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not Path(about["result"]).exists():
+        return "rank 1 never handed in its result"
+    # Rank 1 has returned from fn and handed in its result: from here a worker that did not
+    # wait would exit at once. Watch it while this rank has not returned yet.
+    watch_until = time.monotonic() + 1.0
+    while time.monotonic() < watch_until:
+        if not _alive(about["pid"]):
+            return "rank 1 exited before every rank had a result"
+        time.sleep(0.02)
+    return True
+
+
 def test_finished_ranks_wait_until_every_rank_has_a_result(tmp_path):
     # A rank that has returned must not exit yet: a TF peer may still be pulling the last
     # collective's buffers from its gRPC server.
-    assert ringtrain.run(_peer_still_alive, str(tmp_path / "pid"), num_proc=2, backend="tf") is True
+    assert ringtrain.run(_peer_stays_after_returning, str(tmp_path), num_proc=2, backend="tf") is True

@@ -82,3 +82,26 @@ def test_efficiency_uses_the_n1_baseline() -> None:
         ]
     )
     assert [r["efficiency"] for r in rows] == [1.0, 0.9]
+
+
+def test_efficiency_over_repeats_pairs_each_repeat_with_its_own_baseline() -> None:
+    from benchmarks.sweep import efficiencies
+
+    def rec(n: int, ips: float, sweep: str, repeat: int) -> dict:
+        return {
+            "model": "m",
+            "backend": "mpi",
+            "np": n,
+            "images_per_sec": ips,
+            "sweep_id": sweep,
+            "repeat": repeat,
+        }
+
+    old = [rec(1, 1.0, "a", 0), rec(2, 1.0, "a", 0)]  # an earlier sweep: ignored
+    new = [rec(1, 10.0, "b", 0), rec(2, 18.0, "b", 0), rec(1, 20.0, "b", 1), rec(2, 30.0, "b", 1)]
+    new += [rec(1, 10.0, "b", 2), rec(2, 19.0, "b", 2)]
+    rows = efficiencies(old + new)
+    two = rows[1]
+    assert two["repeats"] == 3 and two["images_per_sec"] == 19.0
+    assert two["efficiency"] == pytest.approx(0.9)  # median of 0.9, 0.75, 0.95
+    assert (two["efficiency_min"], two["efficiency_max"]) == pytest.approx((0.75, 0.95))

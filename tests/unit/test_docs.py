@@ -21,6 +21,15 @@ def test_every_variable_the_package_reads_is_in_the_table():
     assert not unknown, f"add these to ringtrain/env.py: {sorted(unknown)}"
 
 
+def test_every_variable_tests_scripts_and_benchmarks_use_is_in_the_table():
+    folders = ("tests", "scripts", "benchmarks", "examples")
+    used = _names_in(
+        p for folder in folders for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".sh")
+    )
+    unknown = used - set(env.VARS) - set(env.INTERNAL)
+    assert not unknown, f"add these to ringtrain/env.py: {sorted(unknown)}"
+
+
 def test_readme_documents_every_variable():
     readme = (ROOT / "README.md").read_text()
     missing = [name for name in env.VARS if name not in readme]

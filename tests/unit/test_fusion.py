@@ -178,10 +178,30 @@ def special_floats() -> np.ndarray:
     return np.concatenate(patterns).view(np.float32)
 
 
+@pytest.fixture(params=["simd", "scalar"])
+def conversion_path(request):
+    """Run a test on the native AVX2/F16C conversions (where the CPU has them) and on the scalar ones."""
+    native = fusion._native
+    if native is None:
+        pytest.skip(NATIVE_MISSING)
+    native.set_simd(request.param == "simd")
+    try:
+        yield native.simd_path()
+    finally:
+        native.set_simd(True)
+
+
+def test_scalar_path_can_be_forced(conversion_path, request):
+    if request.node.callspec.params["conversion_path"] == "scalar":
+        assert conversion_path == "scalar"
+    else:
+        assert conversion_path in ("avx2+f16c", "scalar")  # scalar on CPUs without AVX2/F16C
+
+
 @both_available
 @pytest.mark.parametrize("compress", ["fp16", "bf16"])
 @pytest.mark.parametrize("scale", [1.0, 0.5, 1 / 3])
-def test_compression_matches_numpy_casts_on_special_values(compress, scale):
+def test_compression_matches_numpy_casts_on_special_values(compress, scale, conversion_path):
     x = special_floats()
     wire = np.float16 if compress == "fp16" else BF16
     with np.errstate(all="ignore"):
@@ -200,13 +220,59 @@ def test_compression_matches_numpy_casts_on_special_values(compress, scale):
 
 @both_available
 @pytest.mark.parametrize("dtype", [np.dtype(np.float16), BF16])
-def test_half_scaling_matches_on_every_bit_pattern(dtype):
+def test_half_scaling_matches_on_every_bit_pattern(dtype, conversion_path):
     x = np.arange(1 << 16, dtype=np.uint16).view(dtype)
     with np.errstate(all="ignore"):
         want = (x.astype(np.float32) * np.float32(1 / 3)).astype(dtype)
         for name in ("native", "numpy"):
             (got,) = fusion.get_implementation(name).unpack(x.copy(), [x], scale=1 / 3)
             np.testing.assert_array_equal(bits(got), bits(want), err_msg=name)
+
+
+@both_available
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), BF16])
+def test_half_add_matches_numpy_on_every_bit_pattern(dtype, conversion_path):
+    # The compressed sum of the shared-memory allreduce: numpy's float16 add (ml_dtypes'
+    # bfloat16 add), rounded once. Every pattern meets 4 partners, NaNs and infinities included.
+    # When both addends are NaN, IEEE 754 leaves open which one propagates (ml_dtypes and
+    # numpy choose differently), so there the result need only be a NaN.
+    a = np.arange(1 << 16, dtype=np.uint16).view(dtype)
+    kind = "f2" if dtype == np.float16 else "bf16"
+    for shift in (1, 255, 12345, 32768):
+        b = np.roll(a, shift)
+        out = np.empty_like(a)
+        fusion._native.half_add(a, b, out, kind)
+        with np.errstate(all="ignore"):
+            want = a + b
+        both = np.isnan(a.astype(np.float32)) & np.isnan(b.astype(np.float32))
+        assert both.sum() < 4096 and np.isnan(out[both].astype(np.float32)).all()
+        np.testing.assert_array_equal(bits(out)[~both], bits(want)[~both])
+
+
+@both_available
+@pytest.mark.parametrize("compress", ["fp16", "bf16"])
+def test_widening_matches_numpy_on_every_bit_pattern(compress, conversion_path):
+    wire = np.float16 if compress == "fp16" else BF16
+    h = np.arange(1 << 16, dtype=np.uint16).view(wire)
+    like = [np.empty(h.size, np.float32)]
+    native, twin = fusion.get_implementation("native"), fusion.get_implementation("numpy")
+    for scale in (1.0, 0.25):
+        (got,) = native.unpack(h.copy(), like, scale=scale, compress=compress)
+        with np.errstate(invalid="ignore"):  # signalling NaNs
+            (want,) = twin.unpack(h.copy(), like, scale=scale, compress=compress)
+        np.testing.assert_array_equal(bits(got), bits(want))
+
+
+def test_scale_in_place(impl, monkeypatch):
+    monkeypatch.setattr(fusion, "_selected", impl)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    assert fusion.scale_in_place(x, 0.5) is x
+    np.testing.assert_array_equal(x, np.arange(8, dtype=np.float32).reshape(2, 4) * np.float32(0.5))
+    i = np.array([-3, 3, 7], np.int64)
+    fusion.scale_in_place(i, 1 / 2)
+    np.testing.assert_array_equal(i, [-2, 1, 3])  # floor division, as unpack
+    with pytest.raises(ConfigError, match="C-contiguous"):
+        fusion.scale_in_place(np.ones((3, 3), np.float32).T, 0.5)
 
 
 # ------------------------------------------------------------ buffers and out=
@@ -361,8 +427,8 @@ def test_plan_buckets_examples():
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        (None, 134217728),
-        ("", 134217728),
+        (None, fusion.DEFAULT_FUSION_THRESHOLD),
+        ("", fusion.DEFAULT_FUSION_THRESHOLD),
         ("0", 0),
         ("1048576", 1 << 20),
         ("64M", 64 << 20),
@@ -427,6 +493,20 @@ def test_auto_falls_back_with_one_warning(monkeypatch, caplog):
         assert fusion.select_implementation("auto").name == "numpy"
     messages = [r.getMessage() for r in caplog.records if r.name == "ringtrain.fusion"]
     assert len(messages) == 1 and "pip install -e ." in messages[0]
+
+
+def test_bad_environment_does_not_break_import(monkeypatch):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, RINGTRAIN_FUSION_IMPL="fast", RINGTRAIN_FUSION_THRESHOLD="lots")
+    code = (
+        "import ringtrain, ringtrain.fusion as f, ringtrain.collectives\n"
+        "try:\n    f.IMPLEMENTATION\nexcept ringtrain.ConfigError as e:\n    print('CONFIG', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "CONFIG RINGTRAIN_FUSION_IMPL='fast' is not valid" in out.stdout
 
 
 def test_implementation_matches_environment():

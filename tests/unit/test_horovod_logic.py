@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 import warnings
 
 import ml_dtypes
@@ -183,8 +185,32 @@ def test_spark_run_rejects_what_it_cannot_honour():
 
     with pytest.raises(ringtrain.ConfigError, match="extra_mpi_args"):
         hvd_spark.run(print, num_proc=2, extra_mpi_args="-x FOO")
-    with pytest.raises(ringtrain.ConfigError, match="num_proc"):
-        hvd_spark.run(print, kwargs={"num_proc": 3})
+    with pytest.raises(ringtrain.ConfigError, match="kwargs must be a mapping"):
+        hvd_spark.run(print, kwargs={1: 3})
+
+
+def _keywords(*args, **kwargs):
+    return args, kwargs, os.environ.get("HVD_SPARK_LOGIC")
+
+
+def test_spark_run_hands_every_keyword_to_fn_not_to_the_job(monkeypatch):
+    """Names ringtrain.run also takes (timeout, num_proc, ...) are fn's when they come in kwargs."""
+    import ringtrain.horovod.spark as hvd_spark
+
+    jobs = []
+
+    def fake_run(target, *args, **options):
+        jobs.append(options)
+        return [pickle.loads(pickle.dumps(target))(*args)]  # the task travels pickled
+
+    monkeypatch.setattr(ringtrain, "run", fake_run)
+    monkeypatch.setenv("HVD_SPARK_LOGIC", "off")  # restored afterwards; the call sets it here
+    user_kwargs = {"timeout": 5, "num_proc": 7, "max_restarts": 3, "job_dir": "x", "backend": "tf"}
+    (result,) = hvd_spark.run(
+        _keywords, args=(1, 2), kwargs=user_kwargs, num_proc=2, env={"HVD_SPARK_LOGIC": "on"}
+    )
+    assert result == ((1, 2), user_kwargs, "on")
+    assert jobs == [{"num_proc": 2, "backend": "mpi", "return_all": True}]
 
 
 def test_backward_passes_must_be_a_positive_int():

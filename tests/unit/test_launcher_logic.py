@@ -176,9 +176,15 @@ def test_with_parent_death_kills_the_command_when_its_starter_is_killed(tmp_path
         while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
             time.sleep(0.05)
         child = int(pidfile.read_text())
-        time.sleep(0.3)  # let the wrapper exec
-        with open(f"/proc/{child}/cmdline", "rb") as f:
-            assert f.read().split(b"\0")[0] == b"/bin/sleep"  # exec'd in place, same pid
+        # The wrapper sets the parent-death signal, then execs the command in place (same pid).
+        deadline = time.monotonic() + 10
+        while True:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                program = f.read().split(b"\0")[0]
+            if program == b"/bin/sleep" or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        assert program == b"/bin/sleep", f"pid {child} still runs {program!r}"
         starter.kill()  # SIGKILL: no clean-up code runs in the "agent"
         starter.wait()
         deadline = time.monotonic() + 5

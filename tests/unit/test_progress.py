@@ -35,8 +35,18 @@ def test_recorder_sees_enter_and_leave_even_when_the_body_raises():
 
 
 def test_nothing_is_recorded_without_a_recorder():
-    with progress.collective("allreduce"):
-        pass  # no recorder installed: the hook is a no-op
+    log = _Log()
+    progress.install(None)
+    try:
+        with progress.collective("allreduce"):
+            progress.install(log)  # arrives mid-collective: must not get that collective's leave
+        with progress.collective("allgather"):
+            progress.install(None)  # gone mid-collective: the one that saw the enter sees the leave
+        with progress.collective("broadcast"):
+            pass  # none installed: nothing recorded anywhere
+    finally:
+        progress.install(None)
+    assert log.events == [("enter", "allgather"), ("leave",)]
 
 
 def test_file_recorder_round_trip(tmp_path):

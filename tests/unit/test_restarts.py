@@ -144,9 +144,7 @@ def test_worker_env_forwards_checked_settings(monkeypatch):
 
 
 def test_env_parsers():
-    assert (
-        env.byte_count("128M") == 128 << 20 and env.byte_count("0") == 0 and env.byte_count("1GiB") == 1 << 30
-    )
+    assert env.byte_size("128M") == 128 << 20 and env.byte_size("0") == 0 and env.byte_size("1GiB") == 1 << 30
     assert env.port_range("") is None and env.port_range("40000-40010") == (40000, 40010)
     assert env.port_range("5000") == (5000, 5000)
     for bad in ("9-1", "0-5", "70000"):

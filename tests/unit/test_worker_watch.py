@@ -77,8 +77,17 @@ def test_a_replaced_sigterm_handler_is_taken_back(tmp_path):
         tmp_path,
         """
         import ctypes
-        ctypes.CDLL(None).signal(signal.SIGTERM, ctypes.c_void_p(1))  # SIG_IGN, behind Python's back
-        time.sleep(1.0)
+        libc = ctypes.CDLL(None)
+        libc.signal(signal.SIGTERM, ctypes.c_void_p(1))  # SIG_IGN, behind Python's back
+        current = _watch._Sigaction()
+        deadline = time.monotonic() + 10
+        while True:  # the sampler (one sample per 0.2 s here) puts the handler back
+            libc.sigaction(signal.SIGTERM, None, ctypes.byref(current))
+            if current.handler != 1:
+                break
+            if time.monotonic() > deadline:
+                sys.exit("SIGTERM was still ignored after 10 s")
+            time.sleep(0.02)
         try:
             print("ready", flush=True)
             time.sleep(600)

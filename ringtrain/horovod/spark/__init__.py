@@ -27,20 +27,23 @@ __all__ = ["run"]
 
 logger = logging.getLogger(__name__)
 
-# Names ringtrain.run takes for itself; fn's keyword arguments must not use them.
-_RUN_PARAMETERS = ("num_proc", "backend", "return_all")
 
+class _Call:
+    """Calls ``fn(*args, **kwargs)`` after adding ``env`` to the worker's environment.
 
-class _WithEnvironment:
-    """Calls ``fn`` after adding ``env`` to the worker's environment (picklable, unlike a closure over fn)."""
+    fn's keyword arguments travel inside this object rather than through ringtrain.run's
+    own ``**kwargs``, so a name ringtrain.run also takes (``timeout``, ``num_proc``, ...)
+    reaches ``fn`` and never changes the job. A class, not a closure, so it pickles.
+    """
 
-    def __init__(self, fn: Callable[..., Any], env: Mapping[str, str]) -> None:
+    def __init__(self, fn: Callable[..., Any], kwargs: Mapping[str, Any], env: Mapping[str, str]) -> None:
         self.fn = fn
+        self.kwargs = dict(kwargs)
         self.env = dict(env)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any) -> Any:
         os.environ.update(self.env)
-        return self.fn(*args, **kwargs)
+        return self.fn(*args, **self.kwargs)
 
 
 def run(
@@ -64,6 +67,8 @@ def run(
 
     The job runs on the active Spark session (or ringtrain's embedded local one) with
     ringtrain's MPI backend, so ``ringtrain.horovod`` collectives work inside ``fn``.
+    Every name in ``kwargs`` goes to ``fn``, also one ``ringtrain.run`` takes itself
+    (``timeout``, ``num_proc``...).
     ``env`` is added to each worker's environment before ``fn`` starts (variables read
     at interpreter start-up are not affected). ``start_timeout`` maps to
     ``RINGTRAIN_START_TIMEOUT``. ``stdout``/``stderr``, ``verbose``, ``nics``,
@@ -79,13 +84,10 @@ def run(
         )
     if not callable(fn):
         raise ConfigError(f"fn must be callable, got {type(fn).__name__}")
-    kwargs = dict(kwargs or {})
-    clash = sorted(set(kwargs) & set(_RUN_PARAMETERS))
-    if clash:
-        raise ConfigError(
-            f"fn's keyword argument(s) {', '.join(clash)} clash with ringtrain.run's own parameters; "
-            "rename them or pass them positionally through args"
-        )
+    if kwargs is not None and not (
+        isinstance(kwargs, Mapping) and all(isinstance(key, str) for key in kwargs)
+    ):
+        raise ConfigError(f"kwargs must be a mapping of keyword names to values, got {kwargs!r}")
     ignored = {
         "stdout": stdout,
         "stderr": stderr,
@@ -96,12 +98,12 @@ def run(
     for name, value in ignored.items():
         if value is not None:
             logger.info("horovod.spark.run: %s=%r has no effect with ringtrain; ignoring", name, value)
-    target = _WithEnvironment(fn, env) if env else fn
+    target = _Call(fn, kwargs or {}, env or {})
     previous = os.environ.get("RINGTRAIN_START_TIMEOUT")
     if start_timeout is not None:
         os.environ["RINGTRAIN_START_TIMEOUT"] = str(start_timeout)
     try:
-        return ringtrain.run(target, *args, num_proc=num_proc, backend="mpi", return_all=True, **kwargs)
+        return ringtrain.run(target, *args, num_proc=num_proc, backend="mpi", return_all=True)
     finally:
         if start_timeout is not None:
             if previous is None:
