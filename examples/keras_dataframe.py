@@ -121,6 +121,22 @@ def accuracy(results: list[dict]) -> tuple[float, int]:
     return sum(r["correct"] for r in results) / total, total
 
 
+def train_and_score(spark, backend: str, num_proc: int, epochs: int, batch: int) -> tuple[float, int]:
+    """Train on ``num_proc`` workers of ``spark``; return the held-out accuracy and its digit count."""
+    train_df, val_df = build_frames(spark)
+    train = train_tf if backend == "tf" else train_mpi
+    results = ringtrain.run(
+        train,
+        epochs,
+        batch,
+        data={"train": train_df, "val": val_df},
+        num_proc=num_proc,
+        backend=backend,
+        return_all=True,
+    )
+    return accuracy(results)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -134,20 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     from ringtrain.launcher.spark import loopback_session
 
     spark = loopback_session(f"local[{args.num_proc}]", "ringtrain-dataframe-example")
-    train_df, val_df = build_frames(spark)
-    train = train_tf if args.backend == "tf" else train_mpi
-    results = ringtrain.run(
-        train,
-        args.epochs,
-        args.batch,
-        data={"train": train_df, "val": val_df},
-        num_proc=args.num_proc,
-        backend=args.backend,
-        return_all=True,
-    )
-    value, total = accuracy(results)
+    try:
+        value, total = train_and_score(spark, args.backend, args.num_proc, args.epochs, args.batch)
+    finally:
+        spark.stop()
     print(f"held-out accuracy: {value:.4f} on {total} digits ({args.num_proc} workers, {args.backend})")
-    spark.stop()
     if value < TARGET_ACCURACY:
         print(f"accuracy is below {TARGET_ACCURACY}", file=sys.stderr)
         return 1

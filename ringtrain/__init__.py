@@ -11,7 +11,7 @@ ringtrain.run(train, num_proc=2)
 """
 
 from . import data, keras, tf
-from .api import run
+from .api import run, run_script
 from .collectives import (
     Average,
     DistributedGradientTape,
@@ -85,6 +85,7 @@ __all__ = [
     "rank",
     "restart_count",
     "run",
+    "run_script",
     "size",
     "tf",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from collections.abc import Callable
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 from .config import JobConfig
 from .errors import ConfigError
 from .launcher import driver
-from .worker import FunctionTask
+from .worker import FunctionTask, ScriptTask
 
 
 def run(
@@ -21,6 +22,7 @@ def run(
     timeout: float | None = None,
     max_restarts: int = 0,
     job_dir: str | None = None,
+    data: Any = None,
     **kwargs: Any,
 ) -> Any:
     """Run ``fn(*args, **kwargs)`` on ``num_proc`` workers of a Spark barrier job.
@@ -43,6 +45,14 @@ def run(
     :class:`ringtrain.WorkerError` naming the failing rank(s) if any worker fails;
     every other worker is stopped first.
 
+    ``data`` is a Spark DataFrame (named ``"train"``) or a dict of named DataFrames to
+    train on: their rows are dealt to the tasks and stored on each task's local disk
+    before ``fn`` starts, and inside ``fn`` :func:`ringtrain.data.shard` gives each rank
+    its rows, with the same number of steps per epoch on every rank. The job then runs on
+    the DataFrames' Spark session. Bad data (not a DataFrame, an empty one, a column that
+    cannot become a tensor) raises :class:`ringtrain.DataError` (a ConfigError for
+    ``data`` of the wrong type) before any worker starts.
+
     Example::
 
         def train():
@@ -54,6 +64,12 @@ def run(
             return model.fit(x, y, epochs=2).history["loss"][-1]
 
         final_loss = ringtrain.run(train, num_proc=2)
+
+        def fit(epochs):
+            shard = ringtrain.data.shard()          # this rank's rows of df
+            ...
+
+        ringtrain.run(fit, 3, data=df, num_proc=2)
     """
     if not callable(fn):
         raise ConfigError(f"fn must be callable, got {type(fn).__name__}")
@@ -66,9 +82,55 @@ def run(
         results="all" if return_all else "0",
     )
     payload = serialize_task(FunctionTask(fn, args, kwargs))
-    results = driver.launch(config, payload)
+    results = driver.launch(config, payload, data=data)
     values = [_load_result(results.get(rank)) for rank in sorted(results)]
     return values if return_all else values[0]
+
+
+def run_script(
+    script: str,
+    *script_args: str,
+    num_proc: int | None = None,
+    backend: str = "auto",
+    timeout: float | None = None,
+    max_restarts: int = 0,
+    job_dir: str | None = None,
+    data: Any = None,
+    worker_env: dict[str, str] | None = None,
+) -> None:
+    """Run a Python script on every worker, as ``ringtrain launch`` does, from Python.
+
+    Each worker runs ``script`` as ``__main__`` with ``sys.argv = [script, *script_args]``,
+    on the active Spark session (or ``SPARK_REMOTE``, or an embedded local one), like
+    :func:`run`. ``data`` works as in :func:`run`: inside the script,
+    ``ringtrain.data.shard()`` gives each rank its rows. ``worker_env`` is added to every
+    worker's environment (``--env``). Returns when every rank has finished (``sys.exit(0)``
+    counts as success); raises :class:`ringtrain.WorkerError` naming the failing rank(s)
+    otherwise, and the other errors of :func:`run`. Unlike the command line, it leaves the
+    Spark session running.
+
+    Example::
+
+        ringtrain.run_script("train.py", "--epochs", "3", data={"train": df}, num_proc=2)
+    """
+    from .cli import resolve_script
+
+    if not isinstance(script, str | os.PathLike):
+        raise ConfigError(f"script must be a path to a .py file, got {type(script).__name__}")
+    path = resolve_script(os.fspath(script))
+    if not all(isinstance(a, str) for a in script_args):
+        raise ConfigError(f"script arguments must be str, got {[type(a).__name__ for a in script_args]}")
+    config = JobConfig.from_env(
+        num_proc=num_proc,
+        backend=backend,
+        timeout=timeout,
+        max_restarts=max_restarts,
+        job_dir=job_dir,
+        worker_env=dict(worker_env or {}),
+        results="none",
+    )
+    payload = serialize_task(ScriptTask.from_path(path, tuple(script_args)))
+    driver.launch(config, payload, data=data)
 
 
 def serialize_task(task: Any) -> bytes:

@@ -248,8 +248,9 @@ VARS: dict[str, Var] = {
             "RINGTRAIN_DATA_SPILL_DIR",
             "",
             str,
-            "Where task agents store their rows of the job's DataFrames; unset means the first of "
-            "Spark's local directories (SPARK_LOCAL_DIRS), else the system temporary directory.",
+            "Where task agents store their rows of the job's DataFrames (read on each executor, or "
+            "from the job's worker environment); unset means the first of Spark's local directories "
+            "(SPARK_LOCAL_DIRS), else the system temporary directory.",
         ),
         Var(
             "RINGTRAIN_DATA_SHUFFLE_WINDOW",
@@ -258,6 +259,7 @@ VARS: dict[str, Var] = {
             "Shuffled shard reads visit blocks of about 1 MiB in random order and mix the rows of "
             "this many bytes of blocks at a time, so reads stay sequential on disk; 0 shuffles "
             "the whole shard uniformly (scattered reads: fast only while it sits in page cache).",
+            forward=True,
         ),
         Var(
             "RINGTRAIN_DATA_MAPPED_LIMIT",
@@ -266,6 +268,7 @@ VARS: dict[str, Var] = {
             "A worker reading its shard hands the file's mapped pages back to the kernel once this "
             "many bytes of them are resident (K/M/G suffixes accepted), bounding its resident "
             "memory; 0 never does.",
+            forward=True,
         ),
         # Fused buffers and collectives: read lazily, at the first collective, so a bad
         # value never breaks `import ringtrain`; every rank must see the same values.

@@ -15,13 +15,19 @@ from .errors import ConfigError
 
 @dataclass(frozen=True)
 class TaskOffer:
-    """One barrier task: its partition, reachable host, reserved ports, assigned GPUs."""
+    """One barrier task: its partition, reachable host, reserved ports, assigned GPUs.
+
+    ``data`` is what the task stored of the job's DataFrames (a
+    :class:`ringtrain.data.spill.SpillSummary` as JSON; empty without data): it rides
+    the same exchange, so every task learns every task's row counts at no extra cost.
+    """
 
     partition: int
     host: str
     ports: tuple[int, ...]
     gpus: tuple[str, ...] = ()
     gpus_per_worker: int = 1
+    data: str = ""
 
     @property
     def num_workers(self) -> int:
@@ -43,6 +49,7 @@ class TaskOffer:
             ports=tuple(int(p) for p in data["ports"]),
             gpus=tuple(str(g) for g in data["gpus"]),
             gpus_per_worker=int(data.get("gpus_per_worker", 1)),
+            data=str(data.get("data", "")),
         )
 
 

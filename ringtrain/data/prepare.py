@@ -232,3 +232,21 @@ def data_error_from(error: BaseException) -> DataError | None:
     """
     found = _ERROR_LINE.findall(str(error))
     return DataError(found[-1]) if found else None
+
+
+_FINAL_EXCEPTION = re.compile(r"^(?!\s)(?!Traceback \(most recent call last\):)(.*)$", re.MULTILINE)
+
+
+def raised_data_error(traceback_text: str) -> str | None:
+    """The message of the DataError a worker's traceback ends with, or None if it ends with another.
+
+    A worker reports a failure of ``fn`` as traceback text; a DataError there (a shard name
+    that was not passed, a batch larger than a rank's share) is the job's data at fault,
+    which no restart can fix.
+    """
+    blocks = traceback_text.rstrip().rsplit("Traceback (most recent call last):", 1)
+    found = _FINAL_EXCEPTION.search(blocks[-1].lstrip("\n"))
+    prefix = "ringtrain.errors.DataError: "
+    if found is None or not found.group(1).startswith(prefix):
+        return None
+    return found.group(1)[len(prefix) :]

@@ -34,21 +34,29 @@ LAYOUT_FILE = "layout.json"
 _WRITE_SLICE = 16 << 20
 
 
-def make_task_dir(partition: int) -> Path:
+def make_task_dir(partition: int, root: str | None = None) -> Path:
     """A fresh directory for one task's data, on the executor's local disk.
 
-    Under ``RINGTRAIN_DATA_SPILL_DIR`` if set, else the first of Spark's local directories
+    Under ``root`` if given (the job's ``RINGTRAIN_DATA_SPILL_DIR``), else this process's
+    ``RINGTRAIN_DATA_SPILL_DIR``, else the first of Spark's local directories
     (``SPARK_LOCAL_DIRS``, which Spark gives its Python workers), else the system
-    temporary directory. The caller removes it when the task ends.
+    temporary directory. The caller removes it when the task ends. Raises DataError
+    when the directory cannot be made.
     """
     import tempfile
 
     from .. import env
 
-    root = env.get("RINGTRAIN_DATA_SPILL_DIR") or os.environ.get("SPARK_LOCAL_DIRS", "").split(",")[0]
-    if root:
-        Path(root).mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"ringtrain-data-p{partition}-", dir=root or None))
+    root = root or env.get("RINGTRAIN_DATA_SPILL_DIR") or os.environ.get("SPARK_LOCAL_DIRS", "").split(",")[0]
+    try:
+        if root:
+            Path(root).mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"ringtrain-data-p{partition}-", dir=root or None))
+    except OSError as err:
+        raise DataError(
+            f"task {partition} cannot make a directory for its rows under {root or tempfile.gettempdir()} "
+            f"({err}); set RINGTRAIN_DATA_SPILL_DIR to a writable local disk"
+        ) from None
 
 
 def dataset_file(directory: str | Path, index: int) -> Path:
@@ -112,6 +120,11 @@ def spill(
         for name in names:
             writer = writers.get(name)
             pieces[name] = writer.finish() if writer else Piece(0)
+    except OSError as err:
+        raise DataError(
+            f"task {partition} could not store its rows under {directory} ({err}); it needs room for "
+            "them twice over while it writes them: set RINGTRAIN_DATA_SPILL_DIR to a local disk with room"
+        ) from None
     finally:
         for writer in writers.values():
             writer.discard_raw()

@@ -25,12 +25,14 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import progress, rendezvous
+from ..data.reader import DATA_DIR_VAR
+from ..data.spill import settle_task
 from ..errors import BackendStartError, Failure
 from ..protocol import (
     Abort,
@@ -90,13 +92,19 @@ class TaskJob:
     job_dir: str = ""
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 30.0
+    # The names of the job's datasets (ringtrain.run(data=...)); empty without data.
+    data_names: tuple[str, ...] = ()
 
 
-def worker_environ(job: TaskJob, spec: rendezvous.WorkerSpec) -> dict[str, str]:
+def worker_environ(job: TaskJob, spec: rendezvous.WorkerSpec, data_dir: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.update(job.worker_env)
     env.update(spec.environ())
+    # The task's stored rows (ringtrain.data.shard reads them); none for a job without data.
+    env.pop(DATA_DIR_VAR, None)
+    if data_dir is not None:
+        env[DATA_DIR_VAR] = data_dir
     env.update(
         RINGTRAIN_BACKEND=job.backend,
         RINGTRAIN_PARENT_PID=str(os.getpid()),
@@ -309,7 +317,10 @@ class TaskAgent:
     """Runs one barrier task's share of the job. ``all_gather`` is the barrier's allGather.
 
     ``sweep(grace)`` stops every remaining descendant at the end (the keeper passes its
-    own); ``connect`` opens the control connection (tests pass a fake).
+    own); ``connect`` opens the control connection (tests pass a fake). For a job with
+    data, ``data_dir`` is where the task's rows are being stored and ``stored_rows(timeout)``
+    returns that store's summary (JSON) once it is complete, None while it is not, and
+    raises what the store failed with.
     """
 
     def __init__(
@@ -322,11 +333,15 @@ class TaskAgent:
         *,
         connect: Callable[..., Any] = channel.connect,
         sweep: Callable[[float], Any] | None = None,
+        data_dir: str | None = None,
+        stored_rows: Callable[[float], str | None] | None = None,
     ):
         self.job = job
         self.partition = partition
         self.gpus = gpus
         self.files = WorkDir(workdir)
+        self.data_dir = data_dir
+        self._stored_rows = stored_rows
         self._all_gather = all_gather
         self._connect = connect
         self._sweep = sweep
@@ -355,11 +370,16 @@ class TaskAgent:
         try:
             per_worker = self.job.gpus_per_worker
             count = rendezvous.workers_per_task(self.gpus, per_worker)
+            stored = self._await_stored_rows(link)
+            if stored is None:
+                return  # stopped while the rows were still arriving
             reservations = [PortReservation() for _ in range(count)]
             offer = rendezvous.TaskOffer(
-                self.partition, host, tuple(r.port for r in reservations), self.gpus, per_worker
+                self.partition, host, tuple(r.port for r in reservations), self.gpus, per_worker, stored
             )
             offers = [rendezvous.TaskOffer.from_json(s) for s in self._all_gather(offer.to_json())]
+            if self.data_dir is not None:
+                self._lay_out_rows(self.data_dir, offers)
             specs = [s for s in rendezvous.plan(offers) if s.partition == self.partition]
             write_atomic(self.files.payload, self.job.payload)
             for spec in specs:
@@ -389,15 +409,39 @@ class TaskAgent:
             link.send(Done(self.partition))
             link.close()
 
+    def _await_stored_rows(self, link: DriverLink) -> str | None:
+        """This task's data summary once its rows are on disk ("" without data); None if the
+        task must stop first. The rows arrive while the agent is already connected, so the
+        driver hears its heartbeats however long they take."""
+        if self.data_dir is None or self._stored_rows is None:
+            return ""
+        while link.wait_stop(0) is None:
+            summary = self._stored_rows(0.1)
+            if summary is not None:
+                return summary
+        return None
+
+    @staticmethod
+    def _lay_out_rows(data_dir: str, offers: list[rendezvous.TaskOffer]) -> None:
+        """Give each of this task's workers its rows, from every task's summary.
+
+        Tasks in partition order, as :func:`rendezvous.plan` orders the ranks. Raises
+        DataError (an empty dataset, columns that differ between tasks) alike on every task.
+        """
+        ordered = sorted(offers, key=lambda o: o.partition)
+        settle_task(data_dir, [o.data for o in ordered], [o.num_workers for o in ordered])
+
     def _make_group(self, specs, offers, host: str, link: DriverLink) -> WorkerGroup:
         if self.job.backend == "mpi":
-            env = worker_environ(self.job, specs[0])
+            env = worker_environ(self.job, specs[0], self.data_dir)
             return MpiGroup(
                 specs, self.files, self._output, offers, self.partition, env, _LinkRelay(link), host
             )
         if importlib.util.find_spec("tensorflow") is None:
             raise BackendStartError(f"tensorflow is not installed for {sys.executable}")
-        return ProcessGroup(specs, self.files, self._output, lambda spec: worker_environ(self.job, spec))
+        return ProcessGroup(
+            specs, self.files, self._output, lambda spec: worker_environ(self.job, spec, self.data_dir)
+        )
 
     def _output(self, rank: int, stream: str, line: str) -> None:
         self._logs.write(rank, line)
@@ -493,18 +537,23 @@ def _picklable(err: BaseException) -> BaseException | None:
 
 
 def run_task(
-    job: TaskJob, partition: int, gpus: tuple[str, ...], all_gather: Callable[[str], list[str]]
+    job: TaskJob,
+    partition: int,
+    gpus: tuple[str, ...],
+    all_gather: Callable[[str], list[str]],
+    batches: Iterable[Any] = (),
 ) -> list[bytes]:
     """Run partition ``partition``'s share of ``job``; the entry point of each barrier task.
 
+    ``batches`` is the task's input: its rows of the job's DataFrames, when it has data.
     Returns the task's output rows, each sealed with the job's secret. The agent runs in a
     keeper process, so killing this (PySpark) process never leaves a worker behind.
     """
     from . import keeper
 
-    return keeper.run(job, partition, gpus, all_gather)
+    return keeper.run(job, partition, gpus, all_gather, batches)
 
 
 def run_barrier_task(job: TaskJob, task: StageTask) -> list[bytes]:
     """Entry point of each barrier task (run by the launch stage, see stage.py)."""
-    return run_task(job, task.partition, task.gpus, task.all_gather)
+    return run_task(job, task.partition, task.gpus, task.all_gather, task.batches)

@@ -26,12 +26,14 @@ from typing import Any, TextIO
 
 from .. import backends
 from ..config import JobConfig
+from ..data.prepare import PreparedData, as_datasets, data_error_from, prepare, raised_data_error
 from ..errors import (
     AgentLostError,
     BackendError,
     BackendStartError,
     ChannelError,
     ConfigError,
+    DataError,
     Failure,
     JobTimeoutError,
     ResourceError,
@@ -89,16 +91,21 @@ class LogPrinter:
         out.flush()
 
 
-def launch(config: JobConfig, payload: bytes, printer: LogPrinter | None = None) -> dict[int, bytes | None]:
+def launch(
+    config: JobConfig, payload: bytes, printer: LogPrinter | None = None, data: Any = None
+) -> dict[int, bytes | None]:
     """Run ``payload`` (a pickled worker task) on every worker; return pickled results by rank.
 
     A failed attempt is started again up to ``config.max_restarts`` times; pre-flight
-    errors (ConfigError, ResourceError), a backend that cannot start, and the timeout are
-    never retried. With backend "auto", a backend that cannot start gives way to the next
-    candidate, and the reason is logged; a named backend's failure is raised as it is.
+    errors (ConfigError, ResourceError, DataError), a backend that cannot start, and the
+    timeout are never retried. With backend "auto", a backend that cannot start gives way
+    to the next candidate, and the reason is logged; a named backend's failure is raised
+    as it is. ``data`` (a DataFrame or a dict of them) runs on its own session; every
+    attempt moves its rows to the tasks afresh (see :func:`ringtrain.data.prepare.prepare`).
     """
     printer = printer or LogPrinter()
-    session = spark.get_session(config)
+    datasets = as_datasets(data) if data is not None else None
+    session = data_session(datasets) if datasets else spark.get_session(config)
     master = spark.ClusterConf.read(session).master
     deadline = None if config.timeout is None else time.monotonic() + config.timeout
     job_dir = prepare_job_dir(config.job_dir, master)
@@ -110,7 +117,7 @@ def launch(config: JobConfig, payload: bytes, printer: LogPrinter | None = None)
     attempt = 0
     while True:
         try:
-            return _attempt(session, config, payload, printer, attempt, job_dir, deadline)
+            return _attempt(session, config, payload, printer, attempt, job_dir, deadline, datasets)
         except RingtrainError as err:
             if attempt >= config.max_restarts or not is_retryable(err):
                 raise
@@ -124,6 +131,17 @@ def is_retryable(err: BaseException) -> bool:
     """Whether a job that failed with ``err`` may be started again (worker or infrastructure failure)."""
     fatal = (ConfigError, ResourceError, JobTimeoutError, BackendError)
     return isinstance(err, RingtrainError) and not isinstance(err, fatal)
+
+
+def data_session(datasets: dict[str, Any]) -> Any:
+    """The Spark session the job's DataFrames belong to, which then runs the job."""
+    sessions = {id(df.sparkSession): df.sparkSession for df in datasets.values()}
+    if len(sessions) > 1:
+        raise ConfigError(
+            f"the DataFrames in data ({', '.join(map(repr, datasets))}) belong to different Spark "
+            "sessions; build them all in the session that should run the job"
+        )
+    return next(iter(sessions.values()))
 
 
 def prepare_job_dir(requested: str | None, master: str) -> str:
@@ -146,10 +164,19 @@ def default_job_dir() -> Path:
 
 
 def _attempt(
-    session, config: JobConfig, payload: bytes, printer: LogPrinter, attempt: int, job_dir: str, deadline
+    session,
+    config: JobConfig,
+    payload: bytes,
+    printer: LogPrinter,
+    attempt: int,
+    job_dir: str,
+    deadline,
+    datasets: dict[str, Any] | None = None,
 ) -> dict[int, bytes | None]:
     # Every attempt checks the slots again: a restart that cannot get them fails like a first start.
     layout = spark.preflight(session, config)
+    # The rows move inside each attempt's stage; the first attempt checked they exist.
+    prepared = prepare(datasets, layout.num_tasks, check_empty=attempt == 0) if datasets else None
     tried = backends.candidates(config.backend, layout.uses_gpus, backends.mpi_installed())
     for index, backend in enumerate(tried):
         try:
@@ -162,6 +189,7 @@ def _attempt(
                 attempt,
                 job_dir,
                 deadline,
+                prepared,
             )
         except BackendStartError as err:
             if index + 1 == len(tried):
@@ -188,6 +216,7 @@ def _launch_once(
     attempt: int,
     job_dir: str,
     deadline: float | None,
+    prepared: PreparedData | None = None,
 ):
     # A Spark Connect client is dialled at its own address; a classic driver binds where Spark does.
     bind_address = None if is_connect(session) else session.conf.get("spark.driver.bindAddress", None)
@@ -207,9 +236,16 @@ def _launch_once(
             job_dir=job_dir,
             heartbeat_interval=config.heartbeat_interval,
             heartbeat_timeout=config.heartbeat_timeout,
+            data_names=prepared.names if prepared else (),
         )
         task_fn = partial(run_barrier_task, job)
-        barrier = BarrierStage(session, layout.num_tasks, task_fn, profile=layout.profile)
+        barrier = BarrierStage(
+            session,
+            layout.num_tasks,
+            task_fn,
+            data=prepared.input_df if prepared else None,
+            profile=layout.profile,
+        )
         barrier.start()
         spark.await_slots(barrier, layout, config)
         return _Supervisor(server, barrier, layout, config, printer, deadline, job_dir).run()
@@ -348,7 +384,20 @@ class _Supervisor:
                 f"{running} were still running and have been stopped. Raise the timeout or look "
                 "for a rank stuck waiting on its peers"
             )
-        return WorkerError.of(self._ordered_failures())
+        return self._worker_error()
+
+    def _worker_error(self) -> RingtrainError:
+        """WorkerError for the failures; DataError when the first failing rank's fn raised one
+        (``ringtrain.data.shard`` refusing a name or a batch size), which a restart cannot fix."""
+        failures = self._ordered_failures()
+        first = failures[0] if failures else None
+        message = raised_data_error(first.traceback) if first is not None else None
+        if message is None:
+            return WorkerError.of(failures)
+        return DataError(
+            f"rank {first.rank} on {first.host}: {message}\n--- traceback from rank {first.rank} ---\n"
+            + first.traceback.rstrip()
+        )
 
     def _lost_error(self) -> AgentLostError:
         partition, what = next(iter(self.lost.items()))
@@ -406,7 +455,9 @@ class _Supervisor:
             try:
                 conn, message = self.server.inbox.get(timeout=0.1)
             except queue.Empty:
-                if self.barrier.done() and not finished() and self._agents_quiet():
+                # Rows that failed to encode fail the stage before any agent starts: nothing to wait for.
+                early = not self.agents and self._stage_data_error() is not None
+                if self.barrier.done() and not finished() and (early or self._agents_quiet()):
                     self._drain()
                     if not finished() and not quiet and self.trigger is None:
                         raise self._job_ended_early() from None
@@ -541,9 +592,18 @@ class _Supervisor:
         else:
             logger.warning("ignoring an unknown control message %r", type(message).__name__)
 
+    def _stage_data_error(self) -> DataError | None:
+        """The DataError an executor raised while encoding the job's rows, which fails the
+        stage before any task agent starts (a null, an array of another length)."""
+        err = self.barrier.error
+        return data_error_from(err) if err is not None else None
+
     def _job_ended_early(self) -> RingtrainError:
         if self.failures:
-            return WorkerError.of(self._ordered_failures())
+            return self._worker_error()
+        data_error = self._stage_data_error()
+        if data_error is not None:
+            return data_error
         err = self.barrier.error
         if err is None:
             return ChannelError(

@@ -39,10 +39,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..errors import AgentLostError
+from ..data.spill import make_task_dir, spill
+from ..errors import AgentLostError, DataError
 from ..protocol import Done, seal
 from .channel import _recv_exact
 
@@ -129,18 +130,29 @@ def _describe_exit(code: int | None) -> str:
 # ------------------------------------------------------------------ the PySpark side
 
 
-def run(job, partition: int, gpus: tuple[str, ...], all_gather: Callable[[str], list[str]]) -> list[bytes]:
+def run(
+    job,
+    partition: int,
+    gpus: tuple[str, ...],
+    all_gather: Callable[[str], list[str]],
+    batches: Iterable[Any] = (),
+) -> list[bytes]:
     """Run a task agent for ``partition`` in a keeper process; return the task's output rows.
 
     Called inside the barrier task. Blocks until the keeper has finished (every process it
     started has ended and its working directory is gone), relaying allGather meanwhile.
+    For a job with data, this process first stores the task's input ``batches`` on local
+    disk while the keeper starts and connects, then hands it the summary (or the error).
     Raises AgentLostError if the keeper dies before it finishes.
     """
     workdir = tempfile.mkdtemp(prefix=f"ringtrain-p{partition}-")
+    data_dir: str | None = None
     was_subreaper = set_subreaper(True)
     ours, theirs = socket.socketpair()
     proc: subprocess.Popen | None = None
     try:
+        if job.data_names:
+            data_dir = str(make_task_dir(partition, job.worker_env.get("RINGTRAIN_DATA_SPILL_DIR")))
         env = dict(os.environ)
         # The keeper and its workers see the modules this task sees (addPyFile included).
         env["PYTHONPATH"] = os.pathsep.join(p for p in [env.get("PYTHONPATH", ""), *sys.path] if p)
@@ -152,7 +164,14 @@ def run(job, partition: int, gpus: tuple[str, ...], all_gather: Callable[[str], 
             env=env,
         )
         theirs.close()
-        _send(ours, (job, partition, gpus, workdir))
+        _send(ours, (job, partition, gpus, workdir, data_dir))
+        if data_dir is not None:
+            # Here, not in the keeper: the rows arrive in this process, and moving them on
+            # to the keeper would copy every byte once more.
+            try:
+                _send(ours, _store_rows(batches, data_dir, partition, job.data_names))
+            except OSError:  # the keeper is gone; the loop below reports it
+                pass
         while True:
             try:
                 kind, body = _recv(ours)
@@ -177,6 +196,24 @@ def run(job, partition: int, gpus: tuple[str, ...], all_gather: Callable[[str], 
         stop_descendants(min(job.kill_grace, 5.0))  # orphans adopted if the keeper died
         set_subreaper(was_subreaper)
         shutil.rmtree(workdir, ignore_errors=True)
+        if data_dir is not None:  # last: every worker reading it has ended
+            shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _store_rows(batches: Iterable[Any], directory: str, partition: int, names: tuple[str, ...]) -> tuple:
+    """("stored", summary JSON), or ("store_failed", the DataError) for the keeper."""
+    started = time.monotonic()
+    try:
+        summary = spill(batches, directory, partition, names)
+    except DataError as err:
+        return "store_failed", err
+    except Exception as err:
+        # An Arrow error on a corrupt block, say: the user must see it, as a DataError.
+        return "store_failed", DataError(
+            f"partition {partition} could not store its rows ({type(err).__name__}: {err})"
+        )
+    logger.info("partition %s stored its rows in %.1f s", partition, time.monotonic() - started)
+    return "stored", summary.to_json()
 
 
 def _wait(proc: subprocess.Popen, timeout: float) -> int | None:
@@ -190,11 +227,13 @@ def _wait(proc: subprocess.Popen, timeout: float) -> int | None:
 
 
 class _Relay:
-    """The keeper's end of the socketpair: allGather through the PySpark side, and its loss."""
+    """The keeper's end of the socketpair: allGather through the PySpark side, the stored
+    rows' summary from it, and its loss."""
 
     def __init__(self, sock: socket.socket):
         self._sock = sock
         self._replies: queue.Queue = queue.Queue()
+        self._stored: queue.Queue = queue.Queue()
         self._send_lock = threading.Lock()
         self.on_lost: Callable[[], None] = lambda: None
         self.lost = threading.Event()
@@ -203,11 +242,31 @@ class _Relay:
     def _listen(self) -> None:
         try:
             while True:
-                self._replies.put(_recv(self._sock))
+                message = _recv(self._sock)
+                stored = message[0] in ("stored", "store_failed")
+                (self._stored if stored else self._replies).put(message)
         except (EOFError, OSError):
             self.lost.set()
             self._replies.put(None)
+            self._stored.put(None)
             self.on_lost()
+
+    def stored_rows(self, timeout: float) -> str | None:
+        """The summary (JSON) of this task's stored rows; None if not complete within ``timeout`` s.
+
+        Raises the DataError the store failed with, or AgentLostError when the Spark task is gone.
+        """
+        try:
+            reply = self._stored.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if reply is None:
+            self._stored.put(None)  # for any later call
+            raise AgentLostError("the Spark task hosting this agent vanished while it stored its rows")
+        kind, body = reply
+        if kind == "store_failed":
+            raise body
+        return body
 
     def all_gather(self, payload: str) -> list[str]:
         with self._send_lock:
@@ -233,9 +292,18 @@ def main(fd: int) -> None:
     # The PySpark worker's stop signals are not ours; SIGTERM still ends the agent cleanly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
-    job, partition, gpus, workdir = _recv(sock)
+    job, partition, gpus, workdir, data_dir = _recv(sock)
     relay = _Relay(sock)
-    agent = TaskAgent(job, partition, gpus, relay.all_gather, workdir, sweep=stop_descendants)
+    agent = TaskAgent(
+        job,
+        partition,
+        gpus,
+        relay.all_gather,
+        workdir,
+        sweep=stop_descendants,
+        data_dir=data_dir,
+        stored_rows=relay.stored_rows,
+    )
 
     def task_lost() -> None:
         agent.lose_task(
@@ -254,6 +322,8 @@ def main(fd: int) -> None:
     finally:
         stop_descendants(job.kill_grace)
         shutil.rmtree(workdir, ignore_errors=True)
+        if data_dir is not None:  # also here: the PySpark side may be gone
+            shutil.rmtree(data_dir, ignore_errors=True)
         relay.finish([seal(job.secret, Done(partition))])
         sys.stdout.flush()
         sys.stderr.flush()

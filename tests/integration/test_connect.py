@@ -133,6 +133,26 @@ def test_a_large_return_value_reaches_the_caller(connect):
     assert len(value) == 6 << 20 and len(set(value)) == 1
 
 
+def _shard_ids():
+    shard = ringtrain.data.shard()
+    return {"ids": sorted(int(i) for i in shard.to_numpy(["id"])["id"]), "steps": shard.steps_per_epoch(32)}
+
+
+def test_run_trains_on_a_dataframe_of_the_connect_session(connect):
+    from data_jobs import sized_frame
+
+    results = ringtrain.run(
+        _shard_ids, data=sized_frame(connect, [700, 200, 100, 0]), num_proc=2, backend="mpi", return_all=True
+    )
+    assert [len(r["ids"]) for r in results] == [500, 500]
+    assert sorted(results[0]["ids"] + results[1]["ids"]) == list(range(1000))
+    assert [r["steps"] for r in results] == [15, 15]
+    # A null found on the server's executors comes back as the DataError it is.
+    nulls = connect.range(10).selectExpr("id", "IF(id = 7, NULL, CAST(id AS DOUBLE)) AS y")
+    with pytest.raises(ringtrain.DataError, match="column 'y' has null values"):
+        ringtrain.run(_shard_ids, data=nulls, num_proc=2, backend="mpi")
+
+
 def test_cancel_kills_the_running_tasks(connect, tmp_path):
     check_cancel_kills_the_running_tasks(connect, str(tmp_path))
 

@@ -39,7 +39,7 @@ def cluster(monkeypatch, tmp_path):
             raise state["preflight_error"]
         return spark.Layout(2, 1, False)
 
-    def launch_once(session, layout, config, payload, printer, attempt, job_dir, deadline):
+    def launch_once(session, layout, config, payload, printer, attempt, job_dir, deadline, prepared=None):
         state["attempts"].append((attempt, job_dir))
         state["deadlines"].append(deadline)
         outcome = state["outcomes"].pop(0) if state["outcomes"] else None
