@@ -51,6 +51,7 @@ class JobConfig:
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 30.0
     channel_ports: tuple[int, int] | None = None
+    driver_host: str = ""
     legacy_keras: bool = True
     show_tf_noise: bool = False
     worker_settings: Mapping[str, str] = field(default_factory=dict)
@@ -127,6 +128,7 @@ class JobConfig:
             heartbeat_interval=env.get("RINGTRAIN_HEARTBEAT_INTERVAL"),
             heartbeat_timeout=env.get("RINGTRAIN_HEARTBEAT_TIMEOUT"),
             channel_ports=env.get("RINGTRAIN_CHANNEL_PORTS"),
+            driver_host=env.get("RINGTRAIN_DRIVER_HOST"),
             legacy_keras=env.get("RINGTRAIN_LEGACY_KERAS"),
             show_tf_noise=env.get("RINGTRAIN_TF_NOISE"),
             job_dir=job_dir or None,

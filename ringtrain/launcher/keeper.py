@@ -43,7 +43,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import AgentLostError
-from ..protocol import Done, seal
+from ..protocol import Done, seal_row
 from .channel import _recv_exact
 
 logger = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ def main(fd: int) -> None:
     finally:
         stop_descendants(job.kill_grace)
         shutil.rmtree(workdir, ignore_errors=True)
-        relay.finish([seal(job.secret, Done(partition))])
+        relay.finish([*agent.rows, seal_row(job.secret, Done(partition))])
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
