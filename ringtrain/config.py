@@ -110,6 +110,14 @@ class JobConfig:
         object.__setattr__(self, "worker_env", MappingProxyType(dict(self.worker_env)))
         object.__setattr__(self, "worker_settings", MappingProxyType(dict(self.worker_settings)))
 
+    def __getstate__(self) -> dict:
+        # Plain pickle (the keeper's socketpair) cannot pickle mapping proxies; send dicts.
+        return {k: dict(v) if isinstance(v, MappingProxyType) else v for k, v in self.__dict__.items()}
+
+    def __setstate__(self, state: dict) -> None:
+        for key, value in state.items():
+            object.__setattr__(self, key, MappingProxyType(value) if isinstance(value, dict) else value)
+
     @classmethod
     def from_env(cls, **overrides) -> JobConfig:
         """A config whose tuning knobs come from RINGTRAIN_* variables, then ``overrides``.

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import progress, rendezvous
+from ..config import JobConfig
 from ..errors import BackendStartError, ChannelError, Failure
 from ..protocol import (
     Abort,
@@ -122,10 +123,10 @@ class TaskJob:
     job_dir: str = ""
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 30.0
-    # What the agents' hub needs when the driver cannot be reached (see hub.py).
-    abort_wait: float = 10.0
-    stall_warning: float = 60.0
-    stall_timeout: float = 600.0
+    # What the agents' hub needs when the driver cannot be reached (see hub.py): the job's
+    # settings, and its deadline as a wall-clock time (time.time()), None for no timeout.
+    config: JobConfig = field(default_factory=JobConfig)
+    deadline: float | None = None
 
     @property
     def driver_reachable(self) -> bool:
@@ -461,7 +462,7 @@ class TaskAgent:
                 link.send(Done(self.partition))
                 link.close()
             if self._hub is not None:
-                wait = self.job.kill_grace + self.job.abort_wait + 5.0
+                wait = self.job.kill_grace + self.job.config.abort_wait + 5.0
                 self.rows.extend(seal_row(self.job.secret, m) for m in self._hub.finish(wait))
 
     # -- reaching the driver, and the rendezvous
@@ -473,7 +474,7 @@ class TaskAgent:
         try:
             conn = self._connect(self.job.driver, self.job.secret, connect_timeout=REACH_TIMEOUT)
         except ChannelError as err:
-            logger.warning(
+            logger.info(
                 "partition %s: %s; going on without the driver: results and failures travel in the "
                 "stage's output rows, and each rank's output stays in its log in the job directory",
                 self.partition,
@@ -647,7 +648,7 @@ def own_address(towards: str) -> str:
     route to ``towards`` (no packet is sent), else on its default route, else loopback."""
     from .spark import local_address_towards
 
-    for target in (towards, "192.0.2.1"):  # TEST-NET-1: never routed, so only the route is read
+    for target in (towards, "203.0.113.1"):  # TEST-NET-3, for the default route (no packet is sent)
         if target:
             found = local_address_towards(target)
             if found:

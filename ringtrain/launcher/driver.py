@@ -225,9 +225,8 @@ def _launch_once(
             job_dir=job_dir,
             heartbeat_interval=config.heartbeat_interval,
             heartbeat_timeout=config.heartbeat_timeout,
-            abort_wait=config.abort_wait,
-            stall_warning=config.stall_warning,
-            stall_timeout=config.stall_timeout,
+            config=config,
+            deadline=None if deadline is None else time.time() + (deadline - time.monotonic()),
         )
         task_fn = partial(run_barrier_task, job)
         barrier = BarrierStage(session, layout.num_tasks, task_fn, profile=layout.profile)
@@ -315,6 +314,7 @@ class _Supervisor:
         self.unlinked: set[Connection] = set()  # agents told to go on without this process
         self._first_hello_at: float | None = None
         self._tasks_seen_at: float | None = None
+        self._mpi_launch: MpiLaunch | None = None
         self._rows_taken = False
         self._tails_shown = False
         self._detached_noted = False
@@ -324,6 +324,11 @@ class _Supervisor:
     def run(self) -> dict[int, bytes | None]:
         try:
             self._wait(lambda: len(self.results) == self.num_proc or self.trigger is not None, self.deadline)
+            if self.trigger is None and len(self.results) < self.num_proc and not self._linked():
+                # Detached agents: their hub stops the job at the same deadline, with the grace
+                # its workers are due, and its JobTimeoutError comes back with the rows. This
+                # process cancels the stage only if that does not happen in time.
+                self._wait(lambda: self._rows_taken, time.monotonic() + self._stop_wait)
             if self.trigger is None and len(self.results) < self.num_proc:
                 self.trigger = "timeout"
             if self.trigger is not None:
@@ -594,7 +599,8 @@ class _Supervisor:
     def _show_tail(self, tail: Tail) -> None:
         if not self._tails_shown:
             self._tails_shown = True
-            self._note_detached("the task agents could not reach this process")
+            reach = f"at {self.address}" if self.address else "(RINGTRAIN_DRIVER_HOST=none)"
+            self._note_detached(f"the task agents did not reach this process {reach}")
             self.printer.notice(
                 f"each rank's last lines of output follow (up to {TAIL_LINES}); "
                 f"{self.job_dir}/logs/rank-N.log on the rank's host has every line"
@@ -656,6 +662,8 @@ class _Supervisor:
                 self._first_hello_at = time.monotonic()
             if self.gathering:
                 self._unlink(conn)
+            elif self._mpi_launch is not None:
+                conn.send(self._mpi_launch)
         elif isinstance(message, Offer):
             self._offer(conn, message)
         elif isinstance(message, Done):
@@ -663,7 +671,9 @@ class _Supervisor:
         elif isinstance(message, TaskLost):
             self._lose(message.partition, message.reason)
         elif isinstance(message, MpiLaunch):
-            # Partition 0's mpiexec printed one proxy command per task: hand them to every agent.
+            # Partition 0's mpiexec printed one proxy command per task: hand them to every agent,
+            # and to any that links later (agents link to a hub at their own pace).
+            self._mpi_launch = message
             self.server.broadcast(message)
         elif isinstance(message, AgentFailed):
             if self.agent_error is None:

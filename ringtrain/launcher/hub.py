@@ -20,7 +20,6 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..config import JobConfig
 from ..errors import AgentLostError, RingtrainError
 from ..protocol import Notice, Verdict
 from .channel import ChannelServer
@@ -106,17 +105,11 @@ class AgentHub:
 
     def start(self, num_tasks: int, num_proc: int) -> None:
         job = self._job
-        config = JobConfig(
-            backend=job.backend,
-            kill_grace=job.kill_grace,
-            abort_wait=job.abort_wait,
-            stall_warning=job.stall_warning,
-            stall_timeout=job.stall_timeout,
-            heartbeat_interval=job.heartbeat_interval,
-            heartbeat_timeout=job.heartbeat_timeout,
-        )
+        # The driver's deadline, on this host's clock: the hub stops the job at the same time,
+        # with the same grace, and the driver gets its JobTimeoutError with the rows.
+        deadline = None if job.deadline is None else time.monotonic() + (job.deadline - time.time())
         supervisor = _HubSupervisor(
-            self._server, self._stage, num_tasks, num_proc, config, self._notices, None, job.job_dir
+            self._server, self._stage, num_tasks, num_proc, job.config, self._notices, deadline, job.job_dir
         )
         self._thread = threading.Thread(
             target=self._run, args=(supervisor,), name="ringtrain-hub", daemon=True

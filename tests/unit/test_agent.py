@@ -8,9 +8,12 @@ import signal
 import threading
 import time
 
+import pytest
+
 from ringtrain import progress
-from ringtrain.errors import BackendStartError, ConfigError, StallError, WorkerError
-from ringtrain.launcher.agent import DriverLink, RankLogs, TaskAgent, TaskJob
+from ringtrain.config import JobConfig
+from ringtrain.errors import BackendStartError, ConfigError, JobTimeoutError, StallError, WorkerError
+from ringtrain.launcher.agent import DriverLink, RankLogs, TaskAgent, TaskJob, _LinkRelay
 from ringtrain.launcher.workers import WorkerGroup, format_stacks, is_blocked
 from ringtrain.protocol import (
     Abort,
@@ -22,6 +25,7 @@ from ringtrain.protocol import (
     Hello,
     Log,
     LogsDropped,
+    MpiLaunch,
     Notice,
     Offer,
     Ping,
@@ -539,7 +543,8 @@ def test_unreachable_driver_the_hub_finds_a_stall(tmp_path):
         progress.FileRecorder(group.files.progress(rank))  # running, never enters a collective
         return hangs(group, rank)
 
-    job = DetachedJob(tmp_path, {0: in_collective, 1: python_only}, stall_warning=0.3, stall_timeout=1.0)
+    settings = JobConfig(stall_warning=0.3, stall_timeout=1.0, heartbeat_interval=0.1, kill_grace=2.0)
+    job = DetachedJob(tmp_path, {0: in_collective, 1: python_only}, config=settings)
     zero, one = job.run()
     (verdict,) = [m for m in zero if isinstance(m, Verdict)]
     assert isinstance(verdict.error, StallError) and verdict.error.waiting == (0,)
@@ -578,3 +583,61 @@ def test_told_to_gather_the_agent_leaves_the_driver_for_the_hub(tmp_path):
     h.run()
     rows = [unseal_row(b"s" * 32, row) for row in h.agent.rows]
     assert Result(1, b"r1") in rows and Result(2, b"r2") in rows
+
+
+def test_unreachable_driver_the_hub_keeps_the_jobs_deadline(tmp_path):
+    settings = JobConfig(timeout=30.0, kill_grace=2.0)
+    job = DetachedJob(tmp_path, {0: hangs, 1: hangs}, config=settings, deadline=time.time() + 1.0)
+    started = time.monotonic()
+    zero, one = job.run()
+    assert time.monotonic() - started < 8
+    (verdict,) = [m for m in zero if isinstance(m, Verdict)]
+    assert isinstance(verdict.error, JobTimeoutError) and "ranks [0, 1]" in str(verdict.error)
+    assert job.groups[0].killed == [0] and job.groups[1].killed == [1]  # stopped, with the grace
+
+
+def test_unreachable_driver_the_mpi_launch_reaches_an_agent_that_links_late(tmp_path):
+    launches = {}
+
+    class RelayGroup(FakeGroup):
+        """Partition 0 publishes the proxy commands, every partition waits for them."""
+
+        def __init__(self, specs, files, sink, plans, link, partition):
+            super().__init__(specs, files, sink, plans)
+            self.relay, self.partition = _LinkRelay(link), partition
+
+        def start(self):
+            if self.partition == 0:
+                self.relay.publish(MpiLaunch(proxies=(("proxy", "0"), ("proxy", "1"))))
+            launches[self.partition] = self.relay.wait()
+            return super().start()
+
+    job = DetachedJob(tmp_path, {0: returns(b"a"), 1: returns(b"b")})
+    for agent in job.agents:
+
+        def make(specs, offers, host, link, agent=agent):
+            group = RelayGroup(specs, agent.files, agent._output, job.plans, link, agent.partition)
+            job.groups[agent.partition] = group
+            return group
+
+        agent._make_group = make
+    real = job.agents[1]._connect
+
+    def late(address, secret, **kw):
+        time.sleep(1.0)  # partition 0 has published by now
+        return real(address, secret, **kw)
+
+    job.agents[1]._connect = late
+    zero, one = job.run()
+    assert launches[0] == launches[1] == MpiLaunch(proxies=(("proxy", "0"), ("proxy", "1")))
+    assert zero[-1] == Verdict(None)
+
+
+def test_the_task_job_crosses_the_keepers_socketpair():
+    import pickle
+
+    job = _job(config=JobConfig(worker_env={"A": "1"}, spark_conf={"k": "v"}), deadline=123.0)
+    again = pickle.loads(pickle.dumps(job))
+    assert again == job and again.config.worker_env["A"] == "1"
+    with pytest.raises(TypeError):
+        again.config.worker_env["B"] = "2"  # still read-only
