@@ -51,6 +51,7 @@ class JobConfig:
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 30.0
     channel_ports: tuple[int, int] | None = None
+    driver_host: str = ""
     legacy_keras: bool = True
     show_tf_noise: bool = False
     worker_settings: Mapping[str, str] = field(default_factory=dict)
@@ -109,6 +110,14 @@ class JobConfig:
         object.__setattr__(self, "worker_env", MappingProxyType(dict(self.worker_env)))
         object.__setattr__(self, "worker_settings", MappingProxyType(dict(self.worker_settings)))
 
+    def __getstate__(self) -> dict:
+        # Plain pickle (the keeper's socketpair) cannot pickle mapping proxies; send dicts.
+        return {k: dict(v) if isinstance(v, MappingProxyType) else v for k, v in self.__dict__.items()}
+
+    def __setstate__(self, state: dict) -> None:
+        for key, value in state.items():
+            object.__setattr__(self, key, MappingProxyType(value) if isinstance(value, dict) else value)
+
     @classmethod
     def from_env(cls, **overrides) -> JobConfig:
         """A config whose tuning knobs come from RINGTRAIN_* variables, then ``overrides``.
@@ -127,6 +136,7 @@ class JobConfig:
             heartbeat_interval=env.get("RINGTRAIN_HEARTBEAT_INTERVAL"),
             heartbeat_timeout=env.get("RINGTRAIN_HEARTBEAT_TIMEOUT"),
             channel_ports=env.get("RINGTRAIN_CHANNEL_PORTS"),
+            driver_host=env.get("RINGTRAIN_DRIVER_HOST"),
             legacy_keras=env.get("RINGTRAIN_LEGACY_KERAS"),
             show_tf_noise=env.get("RINGTRAIN_TF_NOISE"),
             job_dir=job_dir or None,

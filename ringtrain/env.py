@@ -81,6 +81,14 @@ def port_range(text: str) -> tuple[int, int] | None:
     return first, last
 
 
+def _host(text: str) -> str:
+    """A host name or address, or "none"; no port, no spaces."""
+    text = text.strip()
+    if any(c.isspace() for c in text) or "/" in text:
+        raise ValueError("must be a host name or IP address (or none)")
+    return text
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -208,6 +216,15 @@ VARS: dict[str, Var] = {
             "",
             port_range,
             "Port range of the driver's control channel, LOW-HIGH; empty takes any free port.",
+        ),
+        Var(
+            "RINGTRAIN_DRIVER_HOST",
+            "",
+            _host,
+            "The address task agents dial to reach this process's control channel (live output, "
+            "the fast rendezvous); empty: spark.driver.host, or on Spark Connect this machine's "
+            "address on its route to the server. 'none': the executors cannot reach this process, "
+            "so agents do not try, and results come back with the stage's output rows.",
         ),
         Var(
             "RINGTRAIN_TF_THREADS",

@@ -116,6 +116,8 @@ class Failure:
     exitcode: int | None
     signal_name: str | None
     traceback: str
+    # The rank's last lines of output, when they could not stream to the driver live.
+    output_tail: tuple[str, ...] = ()
 
     @property
     def lost(self) -> bool:
@@ -172,6 +174,9 @@ class WorkerError(RingtrainError):
             return "a worker failed"
         lines = [f"{len(self.failures)} worker(s) failed: " + "; ".join(f.describe() for f in self.failures)]
         first = self.failures[0]
+        if first.output_tail:
+            lines.append(f"--- last lines of output from rank {first.rank} ---")
+            lines.extend(first.output_tail)
         if first.traceback:
             lines.append(f"--- traceback from rank {first.rank} ---")
             lines.append(first.traceback.rstrip())

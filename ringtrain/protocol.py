@@ -37,16 +37,23 @@ __all__ = [
     "Log",
     "LogsDropped",
     "MpiLaunch",
+    "Notice",
+    "Offer",
     "Ping",
     "RankProgress",
     "Release",
+    "Rendezvous",
     "Result",
     "StackDump",
     "StackRequest",
+    "Tail",
     "TaskLost",
+    "Verdict",
     "WorkDir",
     "seal",
+    "seal_row",
     "unseal",
+    "unseal_row",
 ]
 
 # ------------------------------------------------------------------------------ sealing
@@ -80,6 +87,20 @@ def unseal(key: bytes, blob: bytes, context: bytes = b"", source: str = "a peer"
     if not hmac.compare_digest(mac, _seal_mac(key, context, bytes(data))):
         raise ChannelError(f"a message from {source} failed its integrity check; dropped it")
     return pickle.loads(data)
+
+
+# What a sealed output row of the launch stage is bound to: it can only ever be read as a row.
+ROW_CONTEXT = b"ringtrain-row"
+
+
+def seal_row(key: bytes, message: Any) -> bytes:
+    """``message`` sealed for the launch stage's output rows (see :func:`seal`)."""
+    return seal(key, message, ROW_CONTEXT)
+
+
+def unseal_row(key: bytes, blob: bytes) -> Any:
+    """A message :func:`seal_row` wrapped; ChannelError before unpickling if its HMAC fails."""
+    return unseal(key, blob, ROW_CONTEXT, "a launch stage row")
 
 
 # ------------------------------------------------------------------------------ messages
@@ -121,6 +142,15 @@ class Hello:
     partition: int
     host: str
     pid: int
+
+
+@dataclass(frozen=True)
+class Offer:
+    """This task's part of the rendezvous: its :class:`~ringtrain.rendezvous.TaskOffer` as JSON,
+    passed on unparsed, so fields the driver does not know about still reach every agent."""
+
+    partition: int
+    offer: str
 
 
 @dataclass(frozen=True)
@@ -195,6 +225,32 @@ class Done:
     partition: int
 
 
+# Only in the output rows, when the agents could not reach the driver (see agent.py).
+
+
+@dataclass(frozen=True)
+class Tail:
+    """A rank's last lines of output (its whole output is in the job directory's rank log)."""
+
+    rank: int
+    lines: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the agents' hub would have told the user live (a stall warning)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How the agents' hub saw the job end: None when every rank succeeded, else the error
+    the driver would have raised."""
+
+    error: BaseException | None
+
+
 # Both ways: partition 0's agent sends it, the driver relays it to every agent.
 
 
@@ -207,6 +263,15 @@ class MpiLaunch:
 
 
 # Driver to agent.
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Every task's offer, in partition order; or, with ``gather``, go through the barrier's
+    allGather instead (some task could not reach the driver)."""
+
+    offers: tuple[str, ...] = ()
+    gather: bool = False
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,18 @@ it forwards their output (and writes every line to the job directory's rank log)
 reports each result and failure, sends a heartbeat with each rank's progress, answers
 the driver's stack requests, and stops every worker it started however the task ends.
 
+Two ways to run, decided at the start (see :meth:`TaskAgent.run`):
+
+- **Linked.** The agent reaches the driver's control channel within ``REACH_TIMEOUT``
+  seconds. The rendezvous goes over that channel (no barrier allGather, which costs about
+  a second), and output streams live.
+- **Detached.** The driver cannot be reached (a Spark Connect client behind NAT, say), or
+  it told the agents to go on without it. The agents exchange their offers with one
+  allGather; partition 0's agent runs a hub (:mod:`.hub`) that does the driver's part
+  among them (release, abort on the first failure, liveness, stalls), and every result,
+  failure, each rank's last lines of output and the hub's verdict travel back in the
+  stage's output rows, sealed with the job's secret.
+
 Nothing here imports pyspark: the agent is tested with fake worker groups, a fake
 connection and a fake allGather.
 """
@@ -16,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import json
 import logging
 import os
 import queue
@@ -26,14 +39,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import progress, rendezvous
+from ..config import JobConfig
 from ..data.reader import DATA_DIR_VAR
 from ..data.spill import settle_task
-from ..errors import BackendStartError, Failure
+from ..errors import BackendStartError, ChannelError, Failure
 from ..protocol import (
     Abort,
     AgentFailed,
@@ -45,13 +59,17 @@ from ..protocol import (
     Log,
     LogsDropped,
     MpiLaunch,
+    Offer,
     Ping,
     Release,
+    Rendezvous,
     Result,
     StackDump,
     StackRequest,
+    Tail,
     TaskLost,
     WorkDir,
+    seal_row,
     write_atomic,
 )
 from . import channel
@@ -76,6 +94,21 @@ def is_tf_noise(line: str) -> bool:
     return bool(_TF_NOISE.match(line))
 
 
+# Seconds an agent tries to open a TCP connection to the driver before it goes on without
+# it (detached). A reachable driver answers in milliseconds, even across regions; an
+# address that drops packets would otherwise hold every task for minutes.
+REACH_TIMEOUT = 5.0
+
+# How many of each rank's last lines travel with its result or failure in detached mode,
+# and how long each may be; the rank's log file in the job directory has every line whole.
+TAIL_LINES = 50
+TAIL_LINE_CHARS = 2000
+
+
+class _Stopped(Exception):
+    """The task must stop (an abort, a lost driver or task) before its workers started."""
+
+
 @dataclass(frozen=True)
 class TaskJob:
     """What the driver hands every barrier task, inside the Spark closure."""
@@ -94,6 +127,15 @@ class TaskJob:
     heartbeat_timeout: float = 30.0
     # The names of the job's datasets (ringtrain.run(data=...)); empty without data.
     data_names: tuple[str, ...] = ()
+    # What the agents' hub needs when the driver cannot be reached (see hub.py): the job's
+    # settings, and its deadline as a wall-clock time (time.time()), None for no timeout.
+    config: JobConfig = field(default_factory=JobConfig)
+    deadline: float | None = None
+
+    @property
+    def driver_reachable(self) -> bool:
+        """False when the driver said up front that executors cannot reach it."""
+        return bool(self.driver[0])
 
 
 def worker_environ(job: TaskJob, spec: rendezvous.WorkerSpec, data_dir: str | None = None) -> dict[str, str]:
@@ -134,8 +176,10 @@ class DriverLink:
         heartbeat_timeout: float,
         max_queued_logs: int = 10_000,
         partition: int = 0,
+        stream_logs: bool = True,
     ):
         self._conn = conn
+        self._stream_logs = stream_logs
         self._heartbeat_timeout = heartbeat_timeout
         self._max_logs = max_queued_logs
         self._partition = partition
@@ -150,10 +194,16 @@ class DriverLink:
         self.stop_reason: str | None = None
         self.released = threading.Event()
         self.launches: queue.Queue[MpiLaunch] = queue.Queue()
+        self.rendezvous: queue.Queue[Rendezvous] = queue.Queue()
         self.stack_requests: queue.Queue[StackRequest] = queue.Queue()
         self._sender = threading.Thread(target=self._send_loop, name="ringtrain-agent-send", daemon=True)
         self._sender.start()
         threading.Thread(target=self._listen, name="ringtrain-agent-listen", daemon=True).start()
+
+    @property
+    def host(self) -> str:
+        """This host's address on its connection (the one peers on the same network reach)."""
+        return self._conn.local_host()
 
     def start_heartbeats(self, interval: float) -> None:
         """Send a heartbeat every ``interval`` seconds, from its own thread, so the agent stays
@@ -182,6 +232,8 @@ class DriverLink:
                 self._ready.notify()
 
     def send_log(self, log: Log) -> None:
+        if not self._stream_logs:
+            return
         with self._ready:
             if self._closing:
                 return
@@ -233,6 +285,8 @@ class DriverLink:
                     self.stop(f"the driver stopped the job: {message.reason}")
                 elif isinstance(message, MpiLaunch):
                     self.launches.put(message)
+                elif isinstance(message, Rendezvous):
+                    self.rendezvous.put(message)
                 elif isinstance(message, StackRequest):
                     self.stack_requests.put(message)
                 elif not isinstance(message, Ping):
@@ -245,6 +299,15 @@ class DriverLink:
         if self.stop_reason is None:
             self.stop_reason = reason
         self._stopped.set()
+
+    def receive(self, inbox: queue.Queue) -> Any:
+        """The next message on ``inbox`` (one of the queues above); None if the task must stop first."""
+        while self.wait_stop(0) is None:
+            try:
+                return inbox.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return None
 
     def wait_stop(self, timeout: float) -> str | None:
         """Why this task must stop, waiting up to ``timeout`` seconds; None to carry on."""
@@ -267,12 +330,7 @@ class _LinkRelay(MpiRelay):
         self._link.send(launch)
 
     def wait(self) -> MpiLaunch | None:
-        while self._link.wait_stop(0) is None:
-            try:
-                return self._link.launches.get(timeout=0.1)
-            except queue.Empty:
-                continue
-        return None
+        return self._link.receive(self._link.launches)
 
 
 class RankLogs:
@@ -317,10 +375,12 @@ class TaskAgent:
     """Runs one barrier task's share of the job. ``all_gather`` is the barrier's allGather.
 
     ``sweep(grace)`` stops every remaining descendant at the end (the keeper passes its
-    own); ``connect`` opens the control connection (tests pass a fake). For a job with
+    own); ``connect`` opens a control connection (tests pass a fake). For a job with
     data, ``data_dir`` is where the task's rows are being stored and ``stored_rows(timeout)``
     returns that store's summary (JSON) once it is complete, None while it is not, and
-    raises what the store failed with.
+    raises what the store failed with. After :meth:`run`, :attr:`rows` holds the task's
+    output rows (sealed), which carry everything the driver must learn when the agent ran
+    detached.
     """
 
     def __init__(
@@ -348,26 +408,30 @@ class TaskAgent:
         self._link: DriverLink | None = None
         self._lost: str | None = None
         self._logs = RankLogs(job.job_dir, job.attempt)
+        self._tails: dict[int, collections.deque] = {}
+        self._hub: Any = None
+        self.detached = False
+        self.rows: list[bytes] = []
 
     def lose_task(self, reason: str) -> None:
         """The Spark task hosting this agent vanished: tell the driver, and stop."""
         self._lost = reason
+        if self._hub is not None:
+            self._hub.task_lost()
         link = self._link
         if link is not None and link.stop_reason is None:
-            link.send(TaskLost(self.partition, reason))
+            self._tell(TaskLost(self.partition, reason))
             link.stop(reason)
 
     def run(self) -> None:
-        conn = self._connect(self.job.driver, self.job.secret)
-        link = self._link = DriverLink(conn, self.job.heartbeat_timeout, partition=self.partition)
-        host = conn.local_host()
-        link.send(Hello(self.partition, host, os.getpid()))
-        link.start_heartbeats(self.job.heartbeat_interval)
+        link = self._link = self._reach_driver()
         if self._lost:
             self.lose_task(self._lost)
         reservations: list[PortReservation] = []
         group: WorkerGroup | None = None
+        specs: list[rendezvous.WorkerSpec] = []
         try:
+            host = link.host if link is not None else own_address(self.job.driver[0])
             per_worker = self.job.gpus_per_worker
             count = rendezvous.workers_per_task(self.gpus, per_worker)
             stored = self._await_stored_rows(link)
@@ -377,7 +441,9 @@ class TaskAgent:
             offer = rendezvous.TaskOffer(
                 self.partition, host, tuple(r.port for r in reservations), self.gpus, per_worker, stored
             )
-            offers = [rendezvous.TaskOffer.from_json(s) for s in self._all_gather(offer.to_json())]
+            offers = self._exchange(offer, host)
+            link = self._link
+            assert link is not None
             if self.data_dir is not None:
                 self._lay_out_rows(self.data_dir, offers)
             specs = [s for s in rendezvous.plan(offers) if s.partition == self.partition]
@@ -388,14 +454,16 @@ class TaskAgent:
                 group = self._make_group(specs, offers, host, link)
                 started = group.start()
             except BackendStartError as err:
-                link.send(BackendFailed(self.partition, str(err)))
+                self._tell(BackendFailed(self.partition, str(err)))
                 started = False
             if started:
                 self._supervise(group, link)
+        except _Stopped as stop:
+            logger.info("partition %s: stopping before the workers started: %s", self.partition, stop)
         except Exception as err:
             # E.g. a rendezvous that cannot place the workers: the user must see why.
             logger.exception("partition %s: the task agent failed", self.partition)
-            link.send(AgentFailed(self.partition, _picklable(err), f"{type(err).__name__}: {err}"))
+            self._tell(AgentFailed(self.partition, _picklable(err), f"{type(err).__name__}: {err}"))
         finally:
             # Workers stop before their ports are released, and everything before "done".
             if group is not None:
@@ -406,16 +474,105 @@ class TaskAgent:
                 self._sweep(self.job.kill_grace)
             shutil.rmtree(self.files.path, ignore_errors=True)
             self._logs.close()
-            link.send(Done(self.partition))
-            link.close()
+            if self.detached:
+                for spec in specs:
+                    self.rows.append(seal_row(self.job.secret, Tail(spec.rank, self._tail(spec.rank))))
+            link = self._link
+            if link is not None:
+                link.send(Done(self.partition))
+                link.close()
+            if self._hub is not None:
+                wait = self.job.kill_grace + self.job.config.abort_wait + 5.0
+                self.rows.extend(seal_row(self.job.secret, m) for m in self._hub.finish(wait))
 
-    def _await_stored_rows(self, link: DriverLink) -> str | None:
+    # -- reaching the driver, and the rendezvous
+
+    def _reach_driver(self) -> DriverLink | None:
+        """A link to the driver, or None when it cannot be reached within REACH_TIMEOUT."""
+        if not self.job.driver_reachable:
+            return None
+        try:
+            conn = self._connect(self.job.driver, self.job.secret, connect_timeout=REACH_TIMEOUT)
+        except ChannelError as err:
+            logger.info(
+                "partition %s: %s; going on without the driver: results and failures travel in the "
+                "stage's output rows, and each rank's output stays in its log in the job directory",
+                self.partition,
+                err,
+            )
+            return None
+        return self._open_link(conn, stream_logs=True)
+
+    def _open_link(self, conn: Any, stream_logs: bool) -> DriverLink:
+        link = DriverLink(conn, self.job.heartbeat_timeout, partition=self.partition, stream_logs=stream_logs)
+        link.send(Hello(self.partition, link.host, os.getpid()))
+        link.start_heartbeats(self.job.heartbeat_interval)
+        return link
+
+    def _exchange(self, offer: rendezvous.TaskOffer, host: str) -> list[rendezvous.TaskOffer]:
+        """Every task's offer: through the driver when it is linked, else through allGather.
+
+        Offers travel as their JSON text, unparsed on the way, so fields added to TaskOffer
+        reach every agent unchanged by either route.
+        """
+        link = self._link
+        if link is not None:
+            link.send(Offer(self.partition, offer.to_json()))
+            answer = link.receive(link.rendezvous)
+            if answer is None:
+                raise _Stopped(link.stop_reason)
+            if not answer.gather:
+                return [rendezvous.TaskOffer.from_json(text) for text in answer.offers]
+            # Some task cannot reach the driver: every task goes through allGather instead.
+            logger.info("partition %s: the driver asked for the rendezvous without it", self.partition)
+            link.close()
+            self._link = None
+        return self._exchange_detached(offer, host)
+
+    def _exchange_detached(self, offer: rendezvous.TaskOffer, host: str) -> list[rendezvous.TaskOffer]:
+        """One allGather of every offer and the hub's address; then link to the hub."""
+        from .hub import AgentHub
+
+        self.detached = True
+        if self.partition == 0:
+            self._hub = AgentHub(self.job, host)
+            if self._lost:
+                self._hub.task_lost()
+        mine = {"offer": offer.to_json(), "hub": list(self._hub.address) if self._hub else None}
+        gathered = [json.loads(text) for text in self._all_gather(json.dumps(mine))]
+        offers = [rendezvous.TaskOffer.from_json(g["offer"]) for g in gathered]
+        hub_address = next(tuple(g["hub"]) for g in gathered if g["hub"])
+        if self._hub is not None:
+            self._hub.start(len(offers), sum(o.num_workers for o in offers))
+        conn = self._connect(hub_address, self.job.secret)
+        self._link = self._open_link(conn, stream_logs=False)
+        if self._lost:
+            self.lose_task(self._lost)
+        return offers
+
+    def _tell(self, message: Any) -> None:
+        """Report ``message`` to the driver (or the hub); detached, also keep it for the rows."""
+        if self.detached:
+            if isinstance(message, Failed):
+                tail = tuple(line for _, line in self._tail(message.failure.rank))
+                message = Failed(replace(message.failure, output_tail=tail))
+            self.rows.append(seal_row(self.job.secret, message))
+            if isinstance(message, Result):
+                message = Result(message.rank, None)  # the hub only counts results
+        if self._link is not None:
+            self._link.send(message)
+
+    def _tail(self, rank: int) -> tuple[tuple[str, str], ...]:
+        return tuple(self._tails.get(rank, ()))
+
+    def _await_stored_rows(self, link: DriverLink | None) -> str | None:
         """This task's data summary once its rows are on disk ("" without data); None if the
         task must stop first. The rows arrive while the agent is already connected, so the
-        driver hears its heartbeats however long they take."""
+        driver hears its heartbeats however long they take (detached, with no link yet, only
+        the loss of the task stops the wait)."""
         if self.data_dir is None or self._stored_rows is None:
             return ""
-        while link.wait_stop(0) is None:
+        while not self._lost and (link is None or link.wait_stop(0) is None):
             summary = self._stored_rows(0.1)
             if summary is not None:
                 return summary
@@ -447,8 +604,13 @@ class TaskAgent:
         self._logs.write(rank, line)
         if stream == "stderr" and not self.job.show_tf_noise and is_tf_noise(line):
             return
-        assert self._link is not None
-        self._link.send_log(Log(rank, stream, line))
+        tail = self._tails.get(rank)
+        if tail is None:
+            tail = self._tails[rank] = collections.deque(maxlen=TAIL_LINES)
+        tail.append((stream, line[:TAIL_LINE_CHARS]))
+        link = self._link
+        if link is not None:
+            link.send_log(Log(rank, stream, line))
 
     def _supervise(self, group: WorkerGroup, link: DriverLink) -> None:
         """Report each result as soon as it is written and each failure as it happens.
@@ -472,7 +634,7 @@ class TaskAgent:
             for rank in sorted(pending - sent):
                 if self.files.result(rank).exists():
                     sent.add(rank)
-                    link.send(Result(rank, self.files.result(rank).read_bytes() or None))
+                    self._tell(Result(rank, self.files.result(rank).read_bytes() or None))
             # Report what already ended even when stopping: it may be the root cause.
             for rank in sorted(pending):
                 code = group.poll(rank)
@@ -485,7 +647,7 @@ class TaskAgent:
                 if report is not None:
                     if isinstance(report, Result):
                         sent.add(rank)
-                    link.send(report)
+                    self._tell(report)
                 if isinstance(report, Failed):
                     # The job is failing: stop this task's other workers now rather than
                     # leave them waiting in a collective for the driver's abort.
@@ -524,6 +686,19 @@ class TaskAgent:
     def _send_stacks(self, group: WorkerGroup, request: StackRequest, link: DriverLink) -> None:
         for rank in sorted(set(request.ranks) & set(group.ranks)):
             link.send(StackDump(rank, group.stacks(rank)))
+
+
+def own_address(towards: str) -> str:
+    """This host's address for its peers when the driver cannot be reached: the one on its
+    route to ``towards`` (no packet is sent), else on its default route, else loopback."""
+    from .spark import local_address_towards
+
+    for target in (towards, "203.0.113.1"):  # TEST-NET-3, for the default route (no packet is sent)
+        if target:
+            found = local_address_towards(target)
+            if found:
+                return found
+    return "127.0.0.1"
 
 
 def _picklable(err: BaseException) -> BaseException | None:

@@ -131,16 +131,25 @@ class Connection:
         self._sock.close()
 
 
-def connect(address: tuple[str, int], secret: bytes, timeout: float = HANDSHAKE_TIMEOUT) -> Connection:
-    """Connect to the driver and run the client side of the mutual challenge, within ``timeout``."""
-    deadline = time.monotonic() + timeout
+def connect(
+    address: tuple[str, int],
+    secret: bytes,
+    timeout: float = HANDSHAKE_TIMEOUT,
+    connect_timeout: float | None = None,
+) -> Connection:
+    """Connect to the driver and run the client side of the mutual challenge, within ``timeout``.
+
+    ``connect_timeout`` bounds the TCP connection alone (default: ``timeout``): an address
+    that drops packets is given up on sooner, while a slow handshake still has ``timeout``.
+    """
     try:
-        sock = socket.create_connection(address, timeout=timeout)
+        sock = socket.create_connection(address, timeout=connect_timeout or timeout)
     except OSError as err:
         raise ChannelError(
             f"cannot reach the ringtrain driver at {address[0]}:{address[1]} ({err}); check that "
             "executors can open connections to the driver host (spark.driver.host)"
         ) from None
+    deadline = time.monotonic() + timeout
     try:
         if _recv_before(sock, len(_MAGIC), deadline) != _MAGIC:
             raise ChannelError("the driver endpoint does not speak the ringtrain control protocol")

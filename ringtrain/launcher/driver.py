@@ -3,9 +3,14 @@ report into a result or an error.
 
 One call of :func:`launch` is one job: one job directory, a wall-clock ``timeout`` over
 all its attempts, and up to ``max_restarts`` restarts after a failure. Each attempt is one
-Spark barrier stage; :class:`_Supervisor` is its event loop: it prints worker output,
-collects results, runs the stall inspector on the agents' heartbeats, watches every
-agent's liveness, and stops everything on the first failure.
+Spark barrier stage; :class:`_Supervisor` is its event loop: it answers the rendezvous,
+prints worker output, collects results, runs the stall inspector on the agents'
+heartbeats, watches every agent's liveness, and stops everything on the first failure.
+
+When the agents cannot reach this process (see agent.py), they run the same loop among
+themselves (hub.py), and what the driver would have seen arrives in the stage's output
+rows when the stage ends: results, failures, each rank's last lines and the hub's verdict.
+The timeout and Ctrl-C still hold: they cancel the stage, which stops every task.
 """
 
 from __future__ import annotations
@@ -52,15 +57,21 @@ from ..protocol import (
     Log,
     LogsDropped,
     MpiLaunch,
+    Notice,
+    Offer,
     Ping,
     Release,
+    Rendezvous,
     Result,
     StackDump,
     StackRequest,
+    Tail,
     TaskLost,
+    Verdict,
+    unseal_row,
 )
 from . import spark
-from .agent import TaskJob, run_barrier_task
+from .agent import REACH_TIMEOUT, TAIL_LINES, TaskJob, run_barrier_task
 from .channel import ChannelServer, Connection
 from .stage import BarrierStage, is_connect
 from .stall import StallInspector, StallReport
@@ -71,6 +82,11 @@ logger = logging.getLogger(__name__)
 # stacks of a stall's missing ranks.
 SPARK_REPORT_WAIT = 5.0
 STACK_WAIT = 3.0
+
+# Seconds after the first agent's hello within which every agent must say hello, or the
+# rendezvous goes through the barrier's allGather (some executor cannot reach this
+# process). It covers the spread of the tasks' start and each agent's REACH_TIMEOUT.
+HELLO_WAIT = 2 * REACH_TIMEOUT + 10.0
 
 
 class LogPrinter:
@@ -200,11 +216,13 @@ def _attempt(
     raise AssertionError("unreachable: candidates() is never empty")
 
 
-def channel_address(bind_address: str | None, driver_host: str | None) -> tuple[str, str]:
+def channel_address(bind_address: str | None, driver_host: str | None, override: str = "") -> tuple[str, str]:
     """(address the control channel binds, address agents dial): the driver's own, never 0.0.0.0
-    unless Spark itself binds there."""
-    advertised = driver_host or "127.0.0.1"
-    return bind_address or advertised, advertised
+    unless Spark itself binds there. ``override`` (RINGTRAIN_DRIVER_HOST) replaces the address
+    agents dial, not the one bound; "none" says they cannot reach this process at all."""
+    own = driver_host or "127.0.0.1"
+    advertised = "" if override.lower() == "none" else override or own
+    return bind_address or own, advertised
 
 
 def _launch_once(
@@ -220,7 +238,7 @@ def _launch_once(
 ):
     # A Spark Connect client is dialled at its own address; a classic driver binds where Spark does.
     bind_address = None if is_connect(session) else session.conf.get("spark.driver.bindAddress", None)
-    bind, advertised = channel_address(bind_address, spark.driver_host(session))
+    bind, advertised = channel_address(bind_address, spark.driver_host(session), config.driver_host)
     secret = secrets.token_bytes(32)
     with ChannelServer(secret, bind, config.channel_ports) as server:
         job = TaskJob(
@@ -237,6 +255,8 @@ def _launch_once(
             heartbeat_interval=config.heartbeat_interval,
             heartbeat_timeout=config.heartbeat_timeout,
             data_names=prepared.names if prepared else (),
+            config=config,
+            deadline=None if deadline is None else time.time() + (deadline - time.monotonic()),
         )
         task_fn = partial(run_barrier_task, job)
         barrier = BarrierStage(
@@ -248,7 +268,11 @@ def _launch_once(
         )
         barrier.start()
         spark.await_slots(barrier, layout, config)
-        return _Supervisor(server, barrier, layout, config, printer, deadline, job_dir).run()
+        supervisor = _Supervisor(
+            server, barrier, layout.num_tasks, layout.num_proc, config, printer, deadline, job_dir, secret
+        )
+        supervisor.address = f"{advertised}:{server.port}" if advertised else ""
+        return supervisor.run()
 
 
 def worker_env(config: JobConfig, attempt: int, job_dir: str) -> dict[str, str]:
@@ -286,16 +310,21 @@ class _Supervisor:
         self,
         server: ChannelServer,
         barrier: BarrierStage,
-        layout: spark.Layout,
+        num_tasks: int,
+        num_proc: int,
         config: JobConfig,
         printer: LogPrinter,
         deadline: float | None,
         job_dir: str,
+        secret: bytes = b"",
     ):
         self.server = server
         self.barrier = barrier
-        self.layout = layout
+        self.num_tasks = num_tasks
+        self.num_proc = num_proc
         self.config = config
+        self._secret = secret  # opens the stage's output rows
+        self.address = ""  # where agents dial this process; "" when they cannot
         self.printer = printer
         self.deadline = deadline
         self.job_dir = job_dir
@@ -315,24 +344,35 @@ class _Supervisor:
         self._next_ping = 0.0
         self._next_check = 0.0
         self._barrier_done_at: float | None = None
+        # The rendezvous: offers by partition, or (gathering) the agents went to allGather.
+        self.offers: dict[int, str] = {}
+        self.gathering = False
+        self.unlinked: set[Connection] = set()  # agents told to go on without this process
+        self._first_hello_at: float | None = None
+        self._tasks_seen_at: float | None = None
+        self._mpi_launch: MpiLaunch | None = None
+        self._rows_taken = False
+        self._tails_shown = False
+        self._detached_noted = False
 
     # ------------------------------------------------------------------ outcome
 
     def run(self) -> dict[int, bytes | None]:
         try:
-            self._wait(
-                lambda: len(self.results) == self.layout.num_proc or self.trigger is not None, self.deadline
-            )
-            if self.trigger is None and len(self.results) < self.layout.num_proc:
+            self._wait(lambda: len(self.results) == self.num_proc or self.trigger is not None, self.deadline)
+            if self.trigger is None and len(self.results) < self.num_proc and not self._linked():
+                # Detached agents: their hub stops the job at the same deadline, with the grace
+                # its workers are due, and its JobTimeoutError comes back with the rows. This
+                # process cancels the stage only if that does not happen in time.
+                self._wait(lambda: self._rows_taken, time.monotonic() + self._stop_wait)
+            if self.trigger is None and len(self.results) < self.num_proc:
                 self.trigger = "timeout"
             if self.trigger is not None:
                 raise self._failure()
             # Every rank has a result: let the workers exit. Agents then drain their output
             # and say done; the Spark job ends with them.
             self.server.broadcast(Release())
-            self._wait(
-                lambda: len(self.done_tasks) >= self.layout.num_tasks, time.monotonic() + self._stop_wait
-            )
+            self._wait(lambda: len(self.done_tasks) >= self.num_tasks, time.monotonic() + self._stop_wait)
             self._drain()
             # Let the stage end by itself: cancelling a finishing stage kills its Python
             # workers, and the session's next job then waits for fresh ones.
@@ -377,7 +417,7 @@ class _Supervisor:
         if trigger == "lost":
             return self._lost_error()
         if trigger == "timeout":
-            running = sorted(set(range(self.layout.num_proc)) - set(self.results))
+            running = sorted(set(range(self.num_proc)) - set(self.results))
             over = f" over all {self.config.max_restarts + 1} attempts" if self.config.max_restarts else ""
             return JobTimeoutError(
                 f"the job did not finish within its {self.config.timeout:g} s timeout{over}; ranks "
@@ -426,14 +466,17 @@ class _Supervisor:
             return
         self.stopped = True
         self.server.broadcast(Abort(reason))
+        linked = self._linked()
+        if len(linked) < self.num_tasks:
+            # Agents this process cannot reach stop only when their Spark tasks are killed.
+            self.barrier.cancel()
 
         def all_stopped() -> bool:
             # An agent still connected is still stopping its workers, even when Spark has
             # already ended its task: wait for its "done" (a closed connection counts as lost).
-            busy = {h.partition for h in self.agents.values()} - set(self.lost) - self.done_tasks
-            if busy:
+            if linked - set(self.lost) - self.done_tasks:
                 return False
-            return len(self.agents) >= self.layout.num_tasks or self.barrier.done()
+            return len(linked) >= self.num_tasks or self.barrier.done()
 
         try:
             self._wait(all_stopped, time.monotonic() + self._stop_wait, quiet=True)
@@ -455,6 +498,9 @@ class _Supervisor:
             try:
                 conn, message = self.server.inbox.get(timeout=0.1)
             except queue.Empty:
+                if self.barrier.done() and not self._rows_taken:
+                    self._take_rows()
+                    continue
                 # Rows that failed to encode fail the stage before any agent starts: nothing to wait for.
                 early = not self.agents and self._stage_data_error() is not None
                 if self.barrier.done() and not finished() and (early or self._agents_quiet()):
@@ -485,6 +531,7 @@ class _Supervisor:
         if now >= self._next_check and not self.stopped:
             self._next_check = now + 0.5
             self._check_stall(now)
+            self._check_agents(now)
 
     def _check_stall(self, now: float) -> None:
         if self._stall_request is None:
@@ -515,6 +562,103 @@ class _Supervisor:
             advice = "RINGTRAIN_STALL_TIMEOUT=0: the job keeps waiting."
         self.printer.notice("stall warning: " + report.describe(self._stacks, advice))
 
+    # ------------------------------------------------------------------ rendezvous, rows
+
+    def _linked(self) -> set[int]:
+        """The partitions whose agents talk to this process (not told to go on without it)."""
+        return {h.partition for c, h in self.agents.items() if c not in self.unlinked}
+
+    def _offer(self, conn: Connection, message: Offer) -> None:
+        if conn in self.unlinked:
+            return
+        if self.gathering:
+            self._unlink(conn)
+            return
+        self.offers[message.partition] = message.offer
+        if len(self.offers) == self.num_tasks:
+            self.server.broadcast(Rendezvous(tuple(self.offers[p] for p in sorted(self.offers))))
+
+    def _unlink(self, conn: Connection) -> None:
+        """Tell one agent to go on without this process (the rendezvous through allGather)."""
+        self.unlinked.add(conn)
+        try:
+            conn.send(Rendezvous(gather=True))
+        except OSError:
+            pass
+
+    def _check_agents(self, now: float) -> None:
+        """Some agents said hello, the others did not in time: every agent goes to allGather.
+        None did, well after the tasks started: tell the user why no output streams."""
+        if self.gathering or len(self.offers) == self.num_tasks:
+            return
+        if self._first_hello_at is not None:
+            if len(self.agents) < self.num_tasks and now - self._first_hello_at >= HELLO_WAIT:
+                self.gathering = True
+                for conn in list(self.agents):
+                    self._unlink(conn)
+                self._note_detached(
+                    f"only {len(self.agents)} of {self.num_tasks} task agents reached this process at "
+                    f"{self.address} within {HELLO_WAIT:g} s"
+                )
+            return
+        if self._detached_noted or not self.barrier.started():
+            return
+        if self._tasks_seen_at is None:
+            self._tasks_seen_at = now
+        elif now - self._tasks_seen_at >= REACH_TIMEOUT + 5.0:
+            where = f"at {self.address}" if self.address else "(RINGTRAIN_DRIVER_HOST=none)"
+            self._note_detached(f"no task agent has reached this process {where}")
+
+    def _note_detached(self, why: str) -> None:
+        if self._detached_noted:
+            return
+        self._detached_noted = True
+        self.printer.notice(
+            f"{why}, so worker output does not stream here: results and errors arrive when the Spark "
+            f"stage ends, with each rank's last lines; every line is in {self.job_dir}/logs/rank-N.log "
+            "on the rank's host. Set RINGTRAIN_DRIVER_HOST to an address of this machine that the "
+            "executors can reach for live output"
+        )
+
+    def _take_rows(self) -> None:
+        """What the agents put in the stage's output rows, once the stage has ended."""
+        self._rows_taken = True
+        if self.barrier.error is not None:
+            return
+        verdict: BaseException | None = None
+        for partition in sorted(self.barrier.records):
+            for blob in self.barrier.records[partition]:
+                try:
+                    message = unseal_row(self._secret, blob)
+                except RingtrainError as err:
+                    logger.warning("partition %s: dropped an output row: %s", partition, err)
+                    continue
+                if isinstance(message, Verdict):
+                    verdict = message.error
+                elif isinstance(message, Tail):
+                    self._show_tail(message)
+                elif isinstance(message, Notice):
+                    self.printer.notice(message.text)
+                else:
+                    self._handle(None, message)
+        if verdict is not None:
+            # The hub saw the job as the driver would have: its error is the one to raise.
+            is_ours = isinstance(verdict, RingtrainError)
+            self.agent_error = verdict if is_ours else RingtrainError(f"{type(verdict).__name__}: {verdict}")
+            self.trigger = "agent"
+
+    def _show_tail(self, tail: Tail) -> None:
+        if not self._tails_shown:
+            self._tails_shown = True
+            reach = f"at {self.address}" if self.address else "(RINGTRAIN_DRIVER_HOST=none)"
+            self._note_detached(f"the task agents did not reach this process {reach}")
+            self.printer.notice(
+                f"each rank's last lines of output follow (up to {TAIL_LINES}); "
+                f"{self.job_dir}/logs/rank-N.log on the rank's host has every line"
+            )
+        for stream, line in tail.lines:
+            self.printer(tail.rank, stream, line)
+
     def _agents_quiet(self) -> bool:
         """After the Spark job ended: have all agents finished sending (or had their chance)?
 
@@ -523,7 +667,7 @@ class _Supervisor:
         """
         if self._barrier_done_at is None:
             self._barrier_done_at = time.monotonic()
-        if len(self.done_tasks) >= self.layout.num_tasks:
+        if len(self.done_tasks) >= self.num_tasks:
             return True
         return time.monotonic() - self._barrier_done_at >= self.config.abort_wait
 
@@ -540,9 +684,12 @@ class _Supervisor:
             self.lost[partition] = what
             self._note("lost")
 
-    def _handle(self, conn: Connection, message: Any) -> None:
+    def _handle(self, conn: Connection | None, message: Any) -> None:
+        """One message from an agent's connection, or (``conn`` None) from the output rows."""
         if message is None:  # the connection closed
             hello = self.agents.get(conn)
+            if conn in self.unlinked:
+                return  # told to go on without this process
             if hello is not None and hello.partition not in self.done_tasks:
                 self._lose(
                     hello.partition, f"its agent (pid {hello.pid}) closed the connection before finishing"
@@ -562,12 +709,22 @@ class _Supervisor:
             self._stacks[message.rank] = message.text
         elif isinstance(message, Hello):
             self.agents[conn] = message
+            if self._first_hello_at is None:
+                self._first_hello_at = time.monotonic()
+            if self.gathering:
+                self._unlink(conn)
+            elif self._mpi_launch is not None:
+                conn.send(self._mpi_launch)
+        elif isinstance(message, Offer):
+            self._offer(conn, message)
         elif isinstance(message, Done):
             self.done_tasks.add(message.partition)
         elif isinstance(message, TaskLost):
             self._lose(message.partition, message.reason)
         elif isinstance(message, MpiLaunch):
-            # Partition 0's mpiexec printed one proxy command per task: hand them to every agent.
+            # Partition 0's mpiexec printed one proxy command per task: hand them to every agent,
+            # and to any that links later (agents link to a hub at their own pace).
+            self._mpi_launch = message
             self.server.broadcast(message)
         elif isinstance(message, AgentFailed):
             if self.agent_error is None:
@@ -605,9 +762,18 @@ class _Supervisor:
         if data_error is not None:
             return data_error
         err = self.barrier.error
+        if err is not None and not self._linked():
+            # No agent could reach this process, so a failed stage is all it learns: a task (and
+            # with it an agent) ended before it could put its report in the output rows.
+            said = _first_line(err).rstrip(".")
+            return AgentLostError(
+                f"a task of the barrier stage failed before its agent could report: Spark reported: "
+                f"{said}. The other tasks were stopped; if an executor was lost, retry with max_restarts",
+                spark_reason=said,
+            )
         if err is None:
             return ChannelError(
-                f"the Spark job ended but only {len(self.results)} of {self.layout.num_proc} workers "
+                f"the Spark job ended but only {len(self.results)} of {self.num_proc} workers "
                 "reported; see the executor logs"
             )
         return RingtrainError(f"the Spark barrier job failed before the workers finished: {_first_line(err)}")

@@ -44,7 +44,7 @@ from typing import Any
 
 from ..data.spill import make_task_dir, spill
 from ..errors import AgentLostError, DataError
-from ..protocol import Done, seal
+from ..protocol import Done, seal_row
 from .channel import _recv_exact
 
 logger = logging.getLogger(__name__)
@@ -324,7 +324,7 @@ def main(fd: int) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
         if data_dir is not None:  # also here: the PySpark side may be gone
             shutil.rmtree(data_dir, ignore_errors=True)
-        relay.finish([seal(job.secret, Done(partition))])
+        relay.finish([*agent.rows, seal_row(job.secret, Done(partition))])
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

@@ -25,6 +25,12 @@ from stage_tasks import (
     check_cancel_kills_the_running_tasks,
     expected_big_records,
 )
+from unreachable_jobs import (
+    NOWHERE,
+    check_a_raising_rank_is_named_with_its_traceback_and_last_lines,
+    check_results_arrive_with_the_last_lines,
+    check_the_timeout_stops_every_worker,
+)
 
 import ringtrain
 from ringtrain.launcher.stage import CHUNK_BYTES, BarrierStage
@@ -159,6 +165,27 @@ def test_cancel_kills_the_running_tasks(connect, tmp_path):
 
 def test_a_stage_without_enough_slots_never_starts(connect):
     check_a_stage_without_enough_slots_never_starts(connect, wait=8)
+
+
+# A Connect client the executors cannot reach (see unreachable_jobs.py): the same results and errors.
+
+
+@pytest.fixture
+def unreachable(connect, monkeypatch):
+    monkeypatch.setenv("RINGTRAIN_DRIVER_HOST", NOWHERE)
+    return connect
+
+
+def test_unreachable_client_gets_results_and_last_lines(unreachable, capfd):
+    check_results_arrive_with_the_last_lines("mpi", capfd)
+
+
+def test_unreachable_client_gets_the_raising_rank_with_traceback(unreachable):
+    check_a_raising_rank_is_named_with_its_traceback_and_last_lines("tf")
+
+
+def test_unreachable_client_timeout_stops_every_worker(unreachable):
+    check_the_timeout_stops_every_worker("mpi")
 
 
 def _launch(*args: str, **env: str) -> subprocess.CompletedProcess:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import queue
 import signal
 import threading
 import time
 
+import pytest
+
 from ringtrain import progress
-from ringtrain.errors import BackendStartError, ConfigError
-from ringtrain.launcher.agent import DriverLink, RankLogs, TaskAgent, TaskJob
+from ringtrain.config import JobConfig
+from ringtrain.errors import BackendStartError, ConfigError, JobTimeoutError, StallError, WorkerError
+from ringtrain.launcher.agent import DriverLink, RankLogs, TaskAgent, TaskJob, _LinkRelay
 from ringtrain.launcher.workers import WorkerGroup, format_stacks, is_blocked
 from ringtrain.protocol import (
     Abort,
@@ -21,10 +25,17 @@ from ringtrain.protocol import (
     Hello,
     Log,
     LogsDropped,
+    MpiLaunch,
+    Notice,
+    Offer,
     Ping,
     Release,
+    Rendezvous,
     Result,
+    Tail,
     TaskLost,
+    Verdict,
+    unseal_row,
 )
 
 
@@ -37,11 +48,15 @@ class FakeConn:
         self.last_heard = time.monotonic()
         self.closed = threading.Event()
         self.hold = threading.Event()  # set: send() blocks (a slow driver)
+        # How the driver answers an offer: with the plan of a one-task job, by default.
+        self.answer = lambda offer: Rendezvous((offer.offer,))
 
     def send(self, message):
         while self.hold.is_set():
             time.sleep(0.01)
         self.sent.append(message)
+        if isinstance(message, Offer) and self.answer is not None:
+            self.inbox.put(self.answer(message))
 
     def recv(self):
         message = self.inbox.get()
@@ -101,6 +116,10 @@ class FakeGroup(WorkerGroup):
 
     def _finish_stop(self):
         pass
+
+    def stacks(self, rank, wait=2.0):
+        # The progress files name this test's own pid: never signal it.
+        return f"(stack of fake rank {rank})"
 
 
 def returns(value: bytes, output=()):
@@ -178,11 +197,15 @@ class Harness:
             _job(**job),
             partition=0,
             gpus=("0", "1"),
-            all_gather=lambda offer: [offer],
+            all_gather=self._no_gather,
             workdir=self.workdir,
-            connect=lambda address, secret: self.conn,
+            connect=lambda address, secret, **kw: self.conn,
         )
         self.thread = threading.Thread(target=self.agent.run, daemon=True)
+
+    @staticmethod
+    def _no_gather(offer):
+        raise AssertionError("a linked agent's rendezvous must not use the barrier's allGather")
 
     def run(self, timeout=10.0):
         if not self.thread.is_alive() and self.thread.ident is None:
@@ -368,17 +391,253 @@ def test_an_error_in_the_agent_itself_reaches_the_driver(tmp_path):
 
 def test_heartbeats_flow_while_the_rendezvous_waits(tmp_path):
     h = Harness(tmp_path, {0: hangs, 1: hangs})
-    gate = threading.Event()
-
-    def slow_gather(offer):
-        gate.wait(10)  # other tasks of the barrier are still starting
-        return [offer]
-
-    h.agent._all_gather = slow_gather
+    h.conn.answer = None  # other tasks of the barrier are still starting
     h.thread.start()
     h.until(lambda: len(h.conn.of(Heartbeat)) >= 3)
     assert h.group is None  # no worker yet, and the driver already hears the agent
-    gate.set()
+    (offer,) = h.conn.of(Offer)
+    h.conn.inbox.put(Rendezvous((offer.offer,)))
     h.until(lambda: h.group is not None)
     h.conn.inbox.put(Abort("done"))
     h.run()
+
+
+def test_the_rendezvous_goes_over_the_channel_and_keeps_unknown_offer_fields(tmp_path):
+    h = Harness(tmp_path, {0: returns(b"r0"), 1: returns(b"r1")})
+    # The driver passes offers on as text: a field this agent's TaskOffer may not know survives.
+    peer = json.dumps({"partition": 1, "host": "10.0.0.9", "ports": [7001], "gpus": [], "data": {"x": 3}})
+    h.conn.answer = lambda offer: Rendezvous((offer.offer, peer))
+    h.thread.start()
+    h.until(lambda: h.group is not None)
+    (offer,) = h.conn.of(Offer)
+    assert json.loads(offer.offer)["gpus"] == ["0", "1"] and json.loads(offer.offer)["host"] == "127.0.0.1"
+    assert [s.rank for s in h.group.specs] == [0, 1] and h.group.specs[0].size == 3
+    assert "10.0.0.9:7001" in h.group.specs[0].peers
+    h.until(lambda: len(h.conn.of(Result)) == 2)
+    h.conn.inbox.put(Release())
+    h.run()
+    assert h.agent.rows == [] and not h.agent.detached
+
+
+def test_an_abort_during_the_rendezvous_stops_the_agent_without_starting_workers(tmp_path):
+    h = Harness(tmp_path, {0: hangs, 1: hangs})
+    h.conn.answer = lambda offer: Abort("another task failed")
+    h.run()
+    assert h.group is None and not h.conn.of(AgentFailed)
+    assert isinstance(h.conn.sent[-1], Done)
+
+
+# ------------------------------------------------------------------ detached: no driver to reach
+
+
+class ThreadGather:
+    """The barrier's allGather for agents running as threads of this process."""
+
+    def __init__(self, parties):
+        self.parties = parties
+        self.items = {}
+        self.cond = threading.Condition()
+
+    def of(self, partition):
+        def gather(message):
+            with self.cond:
+                self.items[partition] = message
+                self.cond.notify_all()
+                assert self.cond.wait_for(lambda: len(self.items) == self.parties, timeout=20)
+                return [self.items[p] for p in sorted(self.items)]
+
+        return gather
+
+
+def _closed_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DetachedJob:
+    """Two real agents (partitions 0 and 1, one rank each) whose driver cannot be reached:
+    real control connections to partition 0's hub, fake workers, a thread allGather."""
+
+    def __init__(self, tmp_path, plans, driver=None, **job):
+        self.plans = plans
+        self.groups = {}
+        self.gathered = []
+        gather = ThreadGather(2)
+        job = _job(driver=driver or ("127.0.0.1", _closed_port()), job_dir=str(tmp_path / "job"), **job)
+        outer = self
+
+        class Agent(TaskAgent):
+            def _make_group(self, specs, offers, host, link):
+                outer.groups[self.partition] = FakeGroup(specs, self.files, self._output, outer.plans)
+                return outer.groups[self.partition]
+
+        def gather_of(partition):
+            def call(message):
+                outer.gathered.append(message)
+                return gather.of(partition)(message)
+
+            return call
+
+        self.agents = []
+        for partition in (0, 1):
+            workdir = tmp_path / f"work-{partition}"
+            workdir.mkdir()
+            self.agents.append(Agent(job, partition, (), gather_of(partition), workdir))
+        self.threads = [threading.Thread(target=a.run, daemon=True) for a in self.agents]
+
+    def run(self, timeout=30.0):
+        for thread in self.threads:
+            thread.start()
+        for thread in self.threads:
+            thread.join(timeout)
+        assert not any(t.is_alive() for t in self.threads), "an agent did not finish"
+        return [[unseal_row(b"s" * 32, row) for row in agent.rows] for agent in self.agents]
+
+
+def talks_then(plan, *lines):
+    def wrapped(group, rank):
+        for line in lines:
+            group.sink(rank, "stdout", f"{line} from {rank}")
+        return plan(group, rank)
+
+    return wrapped
+
+
+def test_unreachable_driver_results_and_tails_come_in_the_rows(tmp_path):
+    job = DetachedJob(
+        tmp_path, {0: talks_then(returns(b"r0"), "epoch 1"), 1: talks_then(returns(b"r1"), "epoch 1")}
+    )
+    rows = job.run()
+    assert all(agent.detached for agent in job.agents)
+    assert len(job.gathered) == 2  # one allGather each: offers and the hub's address
+    zero, one = rows
+    assert [m for m in zero if isinstance(m, Result)] == [Result(0, b"r0")]
+    assert [m for m in one if isinstance(m, Result)] == [Result(1, b"r1")]
+    assert Tail(1, (("stdout", "epoch 1 from 1"),)) in one
+    assert zero[-1] == Verdict(None)  # the hub saw every rank succeed
+    # Every line is in the job directory as well.
+    assert "epoch 1 from 1" in (tmp_path / "job" / "logs" / "rank-1.log").read_text()
+
+
+def test_unreachable_driver_a_failing_rank_stops_the_others_through_the_hub(tmp_path):
+    job = DetachedJob(
+        tmp_path, {0: hangs, 1: talks_then(fails(3, "Traceback: boom\n", after=0.3), "loading")}
+    )
+    started = time.monotonic()
+    zero, one = job.run()
+    assert time.monotonic() - started < 10  # rank 0 did not wait for anything but the hub's abort
+    assert job.groups[0].killed == [0]
+    (failed,) = [m for m in one if isinstance(m, Failed)]
+    assert failed.failure.rank == 1 and failed.failure.output_tail == ("loading from 1",)
+    (verdict,) = [m for m in zero if isinstance(m, Verdict)]
+    assert isinstance(verdict.error, WorkerError) and verdict.error.ranks == [1]
+    text = str(verdict.error)
+    assert "exited with code 3" in text and "Traceback: boom" in text and "loading from 1" in text
+
+
+def test_unreachable_driver_the_hub_finds_a_stall(tmp_path):
+    def python_only(group, rank):
+        progress.FileRecorder(group.files.progress(rank))  # running, never enters a collective
+        return hangs(group, rank)
+
+    settings = JobConfig(stall_warning=0.3, stall_timeout=1.0, heartbeat_interval=0.1, kill_grace=2.0)
+    job = DetachedJob(tmp_path, {0: in_collective, 1: python_only}, config=settings)
+    zero, one = job.run()
+    (verdict,) = [m for m in zero if isinstance(m, Verdict)]
+    assert isinstance(verdict.error, StallError) and verdict.error.waiting == (0,)
+    assert verdict.error.missing == (1,)
+    assert any(isinstance(m, Notice) and "stall warning" in m.text for m in zero)
+
+
+def test_driver_declared_unreachable_is_never_dialled(tmp_path):
+    job = DetachedJob(tmp_path, {0: returns(b"a"), 1: returns(b"b")}, driver=("", 0))
+    dialled = []
+    for agent in job.agents:
+        real = agent._connect
+        agent._connect = lambda address, secret, real=real, **kw: (
+            dialled.append(address) or real(address, secret, **kw)
+        )
+    zero, one = job.run()
+    hub = job.agents[0]._hub.address
+    assert dialled == [hub, hub]  # only the agents' hub
+    assert zero[-1] == Verdict(None)
+
+
+def test_told_to_gather_the_agent_leaves_the_driver_for_the_hub(tmp_path):
+    h = Harness(tmp_path, {1: returns(b"r1"), 2: returns(b"r2")})
+    h.conn.answer = lambda offer: Rendezvous(gather=True)
+    hub_conn = FakeConn()
+    peer = {"offer": json.dumps({"partition": 1, "host": "10.0.0.9", "ports": [7001], "gpus": []}),
+            "hub": ["10.0.0.9", 7100]}  # fmt: skip
+    h.agent.partition = 2  # no hub of its own: partition 1 (listed first) runs it
+    h.agent._all_gather = lambda mine: [json.dumps(peer), mine]
+    h.agent._connect = lambda address, secret, **kw: hub_conn if address == ("10.0.0.9", 7100) else h.conn
+    h.thread.start()
+    h.until(lambda: len(hub_conn.of(Result)) == 2)
+    assert h.conn.closed.is_set()  # the driver's link is closed; the hub's is used
+    assert hub_conn.of(Result) == [Result(1, None), Result(2, None)]  # the hub only counts them
+    hub_conn.inbox.put(Release())
+    h.run()
+    rows = [unseal_row(b"s" * 32, row) for row in h.agent.rows]
+    assert Result(1, b"r1") in rows and Result(2, b"r2") in rows
+
+
+def test_unreachable_driver_the_hub_keeps_the_jobs_deadline(tmp_path):
+    settings = JobConfig(timeout=30.0, kill_grace=2.0)
+    job = DetachedJob(tmp_path, {0: hangs, 1: hangs}, config=settings, deadline=time.time() + 1.0)
+    started = time.monotonic()
+    zero, one = job.run()
+    assert time.monotonic() - started < 8
+    (verdict,) = [m for m in zero if isinstance(m, Verdict)]
+    assert isinstance(verdict.error, JobTimeoutError) and "ranks [0, 1]" in str(verdict.error)
+    assert job.groups[0].killed == [0] and job.groups[1].killed == [1]  # stopped, with the grace
+
+
+def test_unreachable_driver_the_mpi_launch_reaches_an_agent_that_links_late(tmp_path):
+    launches = {}
+
+    class RelayGroup(FakeGroup):
+        """Partition 0 publishes the proxy commands, every partition waits for them."""
+
+        def __init__(self, specs, files, sink, plans, link, partition):
+            super().__init__(specs, files, sink, plans)
+            self.relay, self.partition = _LinkRelay(link), partition
+
+        def start(self):
+            if self.partition == 0:
+                self.relay.publish(MpiLaunch(proxies=(("proxy", "0"), ("proxy", "1"))))
+            launches[self.partition] = self.relay.wait()
+            return super().start()
+
+    job = DetachedJob(tmp_path, {0: returns(b"a"), 1: returns(b"b")})
+    for agent in job.agents:
+
+        def make(specs, offers, host, link, agent=agent):
+            group = RelayGroup(specs, agent.files, agent._output, job.plans, link, agent.partition)
+            job.groups[agent.partition] = group
+            return group
+
+        agent._make_group = make
+    real = job.agents[1]._connect
+
+    def late(address, secret, **kw):
+        time.sleep(1.0)  # partition 0 has published by now
+        return real(address, secret, **kw)
+
+    job.agents[1]._connect = late
+    zero, one = job.run()
+    assert launches[0] == launches[1] == MpiLaunch(proxies=(("proxy", "0"), ("proxy", "1")))
+    assert zero[-1] == Verdict(None)
+
+
+def test_the_task_job_crosses_the_keepers_socketpair():
+    import pickle
+
+    job = _job(config=JobConfig(worker_env={"A": "1"}, spark_conf={"k": "v"}), deadline=123.0)
+    again = pickle.loads(pickle.dumps(job))
+    assert again == job and again.config.worker_env["A"] == "1"
+    with pytest.raises(TypeError):
+        again.config.worker_env["B"] = "2"  # still read-only

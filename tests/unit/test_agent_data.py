@@ -1,4 +1,4 @@
-"""The task agent's data steps, with a fake driver connection and a fake allGather: the stored
+"""The task agent's data steps, with a fake driver connection: the stored
 rows' summary rides the rendezvous offer, the layout is written after it, workers find it, and
 every way the rows can fail reaches the driver as a DataError."""
 
@@ -19,7 +19,7 @@ from ringtrain.data.reader import DATA_DIR_VAR, Shard
 from ringtrain.data.spill import LAYOUT_FILE, SpillSummary, spill
 from ringtrain.errors import BackendStartError, DataError
 from ringtrain.launcher.agent import TaskAgent, TaskJob, worker_environ
-from ringtrain.protocol import Abort, AgentFailed, BackendFailed, Done, Heartbeat
+from ringtrain.protocol import Abort, AgentFailed, BackendFailed, Done, Heartbeat, Offer, Rendezvous
 
 
 class _Conn:
@@ -27,9 +27,12 @@ class _Conn:
         self.sent: list = []
         self.inbox: queue.Queue = queue.Queue()
         self.last_heard = time.monotonic()
+        self.answer = lambda offer: Rendezvous((offer.offer,))
 
     def send(self, message):
         self.sent.append(message)
+        if isinstance(message, Offer):
+            self.inbox.put(self.answer(message))
 
     def recv(self):
         message = self.inbox.get()
@@ -83,11 +86,15 @@ class _Run:
         (tmp_path / "work").mkdir()
         run = self
 
-        def gather(offer_json):
-            mine = rendezvous.TaskOffer.from_json(offer_json)
-            run.offers.append(mine)
+        def answer(offer):  # the driver's answer: every task's offer, here in any order
+            run.offers.append(rendezvous.TaskOffer.from_json(offer.offer))
             theirs = rendezvous.TaskOffer(1, "127.0.0.2", (7,), data=peer.to_json() if peer else "")
-            return [theirs.to_json(), offer_json]  # any order
+            return Rendezvous((theirs.to_json(), offer.offer))
+
+        def gather(offer_json):
+            raise AssertionError("a linked agent's rendezvous goes through the driver")
+
+        self.conn.answer = answer
 
         class Agent(TaskAgent):
             def _make_group(self, specs, offers, host, link):
@@ -100,7 +107,7 @@ class _Run:
             ("0", "1"),
             gather,
             tmp_path / "work",
-            connect=lambda address, secret: self.conn,
+            connect=lambda address, secret, **kw: self.conn,
             data_dir=str(tmp_path / "task0"),
             stored_rows=stored_rows,
         )
