@@ -89,3 +89,18 @@ def test_the_agents_hub_finds_a_stall(nowhere, monkeypatch, capfd):
     assert "in _rank_one_never_joins" in info.value.stacks[1]
     # The hub's warning came back with the rows, marked as seen by the hub.
     assert "(seen by the agents' hub) stall warning: rank(s) [0] have waited" in capfd.readouterr().err
+
+
+def _shard_ids():
+    return sorted(int(i) for i in ringtrain.data.shard().to_numpy(["id"])["id"])
+
+
+def test_a_dataframe_reaches_detached_ranks(nowhere, spark):
+    from data_jobs import sized_frame
+
+    # Partitions of 5, 0 and 3 rows: the offers' data summaries travel by allGather, and the
+    # ranks' shares differ by at most one row per non-empty source partition.
+    frame = sized_frame(spark, [5, 0, 3])
+    ids = ringtrain.run(_shard_ids, data=frame, num_proc=2, backend="mpi", return_all=True)
+    assert abs(len(ids[0]) - len(ids[1])) <= 2 and min(map(len, ids)) >= 3
+    assert sorted(ids[0] + ids[1]) == list(range(8))
