@@ -231,11 +231,18 @@ def _launch_once(
         task_fn = partial(run_barrier_task, job)
         barrier = BarrierStage(session, layout.num_tasks, task_fn, profile=layout.profile)
         barrier.start()
-        spark.await_slots(barrier, layout, config)
-        supervisor = _Supervisor(
-            server, barrier, layout.num_tasks, layout.num_proc, config, printer, deadline, job_dir, secret
-        )
-        supervisor.address = f"{advertised}:{server.port}" if advertised else ""
+        try:
+            spark.await_slots(barrier, layout, config)
+            supervisor = _Supervisor(
+                server, barrier, layout.num_tasks, layout.num_proc, config, printer, deadline, job_dir, secret
+            )
+            supervisor.address = f"{advertised}:{server.port}" if advertised else ""
+        except BaseException:
+            # The stage is submitted but nothing supervises it yet: cancel its job group, so no
+            # task keeps running (or waiting for slots) after this call returns.
+            barrier.cancel()
+            barrier.join(config.abort_wait)
+            raise
         return supervisor.run()
 
 
