@@ -71,7 +71,7 @@ from ..protocol import (
     write_atomic,
 )
 from . import channel
-from .ports import PortReservation
+from .ports import PortReservation, release_all, reserve_ports
 from .workers import MpiGroup, MpiRelay, ProcessGroup, WorkerGroup
 
 if TYPE_CHECKING:
@@ -419,7 +419,7 @@ class TaskAgent:
             host = link.host if link is not None else own_address(self.job.driver[0])
             per_worker = self.job.gpus_per_worker
             count = rendezvous.workers_per_task(self.gpus, per_worker)
-            reservations = [PortReservation() for _ in range(count)]
+            reservations = reserve_ports(count)
             offer = rendezvous.TaskOffer(
                 self.partition, host, tuple(r.port for r in reservations), self.gpus, per_worker
             )
@@ -446,10 +446,14 @@ class TaskAgent:
             self._tell(AgentFailed(self.partition, _picklable(err), f"{type(err).__name__}: {err}"))
         finally:
             # Workers stop before their ports are released, and everything before "done".
-            if group is not None:
-                group.stop(self.job.kill_grace)
-            for reservation in reservations:
-                reservation.close()
+            try:
+                if group is not None:
+                    group.stop(self.job.kill_grace)
+            except Exception:
+                # The sweep below still reaches what the group left behind.
+                logger.exception("partition %s: stopping the workers failed", self.partition)
+            finally:
+                release_all(reservations)
             if self._sweep is not None:
                 self._sweep(self.job.kill_grace)
             shutil.rmtree(self.files.path, ignore_errors=True)

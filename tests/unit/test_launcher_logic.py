@@ -1,5 +1,6 @@
 """Pure launcher logic: task layout, GPU amounts, noise filter, worker environment."""
 
+import os
 import pickle
 import signal
 import socket
@@ -9,9 +10,10 @@ import pytest
 from ringtrain.backends.tf import communication, gpu_assigned
 from ringtrain.config import JobConfig
 from ringtrain.errors import ConfigError, Failure, ResourceError, WorkerError
+from ringtrain.launcher import ports
 from ringtrain.launcher.agent import TaskJob, is_tf_noise, worker_environ
 from ringtrain.launcher.driver import _keras_env
-from ringtrain.launcher.ports import PortReservation
+from ringtrain.launcher.ports import PortReservation, release_all, reserve_ports
 from ringtrain.launcher.spark import gpus_per_task, layout_for
 from ringtrain.rendezvous import TaskOffer, plan
 
@@ -196,3 +198,34 @@ def test_with_parent_death_kills_the_command_when_its_starter_is_killed(tmp_path
         if starter.poll() is None:
             starter.kill()
     assert with_parent_death(["x"])[-1] == "x"
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_failed_reservation_releases_every_port_already_held(monkeypatch):
+    made = []
+
+    class _Socket(socket.socket):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+        def bind(self, address):
+            if len(made) == 3:
+                raise OSError(98, "Address already in use")
+            super().bind(address)
+
+    monkeypatch.setattr(ports.socket, "socket", _Socket)
+    with pytest.raises(OSError, match="already in use"):
+        reserve_ports(4)
+    assert len(made) == 3
+    assert all(sock.fileno() == -1 for sock in made)  # the two held and the failed one
+
+
+def test_many_reservations_leave_no_descriptor_behind():
+    before = _open_fds()
+    for _ in range(50):
+        release_all(reserve_ports(4))
+    assert _open_fds() == before
