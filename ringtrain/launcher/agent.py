@@ -134,9 +134,35 @@ class TaskJob:
         return bool(self.driver[0])
 
 
-def worker_environ(job: TaskJob, spec: rendezvous.WorkerSpec) -> dict[str, str]:
+def omp_threads(inherited: str | None, task_workers: int, host_workers: int, host_cpus: int) -> int:
+    """Pure: OpenMP threads for each worker when neither RINGTRAIN_TF_THREADS nor the job set them.
+
+    ``inherited`` is the agent's OMP_NUM_THREADS, which PySpark sets to the task's CPUs
+    (``spark.task.cpus``): the task's share is split among its ``task_workers``. Without
+    it, the host's ``host_cpus`` are split among its ``host_workers``, so workers that
+    share a host never ask for more threads than it has cores.
+    """
+    try:
+        share = int(inherited or "")
+    except ValueError:
+        share = 0
+    if share > 0:
+        return max(1, share // max(1, task_workers))
+    return max(1, host_cpus // max(1, host_workers))
+
+
+def worker_environ(job: TaskJob, spec: rendezvous.WorkerSpec, task_workers: int = 1) -> dict[str, str]:
+    """One worker's environment: this task's, the job's, then the worker's place in the job.
+
+    ``task_workers`` is how many workers this task starts; they share its CPUs.
+    """
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "OMP_NUM_THREADS" not in job.worker_env:
+        threads = omp_threads(
+            os.environ.get("OMP_NUM_THREADS"), task_workers, spec.local_size, len(os.sched_getaffinity(0))
+        )
+        env["OMP_NUM_THREADS"] = str(threads)
     env.update(job.worker_env)
     env.update(spec.environ())
     env.update(
@@ -551,13 +577,15 @@ class TaskAgent:
 
     def _make_group(self, specs, offers, host: str, link: DriverLink) -> WorkerGroup:
         if self.job.backend == "mpi":
-            env = worker_environ(self.job, specs[0])
+            env = worker_environ(self.job, specs[0], len(specs))
             return MpiGroup(
                 specs, self.files, self._output, offers, self.partition, env, _LinkRelay(link), host
             )
         if importlib.util.find_spec("tensorflow") is None:
             raise BackendStartError(f"tensorflow is not installed for {sys.executable}")
-        return ProcessGroup(specs, self.files, self._output, lambda spec: worker_environ(self.job, spec))
+        return ProcessGroup(
+            specs, self.files, self._output, lambda spec: worker_environ(self.job, spec, len(specs))
+        )
 
     def _output(self, rank: int, stream: str, line: str) -> None:
         self._logs.write(rank, line)
