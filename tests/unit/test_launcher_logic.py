@@ -14,7 +14,7 @@ from ringtrain.launcher import ports
 from ringtrain.launcher.agent import TaskJob, is_tf_noise, worker_environ
 from ringtrain.launcher.driver import _keras_env
 from ringtrain.launcher.ports import PortReservation, release_all, reserve_ports
-from ringtrain.launcher.spark import gpus_per_task, layout_for
+from ringtrain.launcher.spark import ClusterConf, gpus_per_executor, gpus_per_task, layout_for
 from ringtrain.rendezvous import TaskOffer, plan
 
 
@@ -45,6 +45,34 @@ def test_gpu_amounts():
     assert gpus_per_task("1.0") == 1
     with pytest.raises(ConfigError, match="whole number"):
         gpus_per_task("0.5")
+    assert gpus_per_task("0.0") == 0
+    assert gpus_per_executor(None) == 0
+    assert gpus_per_executor("4") == 4
+
+
+@pytest.mark.parametrize("value", ["one", "nan", "inf", "-1", "1,5"])
+def test_a_gpu_amount_that_is_no_number_names_the_setting(value):
+    with pytest.raises(ConfigError, match=rf"spark\.task\.resource\.gpu\.amount='{value}'"):
+        gpus_per_task(value)
+    with pytest.raises(ConfigError, match=rf"spark\.executor\.resource\.gpu\.amount='{value}'"):
+        gpus_per_executor(value)
+
+
+def test_an_executor_holds_whole_gpus():
+    with pytest.raises(ConfigError, match=r"spark\.executor\.resource\.gpu\.amount='1.5' is not a whole"):
+        gpus_per_executor("1.5")
+
+
+def test_the_session_reader_refuses_a_bad_executor_gpu_amount():
+    class _Conf:
+        def get(self, key, default=None):
+            return {"spark.master": "yarn", "spark.executor.resource.gpu.amount": "two"}.get(key, default)
+
+    class _Session:
+        conf = _Conf()
+
+    with pytest.raises(ConfigError, match=r"spark\.executor\.resource\.gpu\.amount='two'"):
+        ClusterConf.read(_Session())
 
 
 def test_tf_noise_filter_drops_startup_lines_only():
