@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import re
 import secrets
 import sys
 import tempfile
@@ -403,7 +402,9 @@ class _Supervisor:
         host = hello.host if hello else "an unknown host"
         err = self.barrier.error
         spark_said = (
-            _first_line(err).rstrip(".") if err is not None else "nothing yet (the task is still running)"
+            spark.error_line(err).rstrip(".")
+            if err is not None
+            else "nothing yet (the task is still running)"
         )
         return AgentLostError(
             f"the task agent of partition {partition} on {host} was lost: {what}. Spark reported: "
@@ -712,7 +713,7 @@ class _Supervisor:
         if err is not None and not self._linked():
             # No agent could reach this process, so a failed stage is all it learns: a task (and
             # with it an agent) ended before it could put its report in the output rows.
-            said = _first_line(err).rstrip(".")
+            said = spark.error_line(err).rstrip(".")
             return AgentLostError(
                 f"a task of the barrier stage failed before its agent could report: Spark reported: "
                 f"{said}. The other tasks were stopped; if an executor was lost, retry with max_restarts",
@@ -723,14 +724,6 @@ class _Supervisor:
                 f"the Spark job ended but only {len(self.results)} of {self.num_proc} workers "
                 "reported; see the executor logs"
             )
-        return RingtrainError(f"the Spark barrier job failed before the workers finished: {_first_line(err)}")
-
-
-def _first_line(err: BaseException) -> str:
-    """The most telling line of a Spark job error: the Python exception raised in a task, if any."""
-    text = str(err).strip()
-    raised = re.findall(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$", text, re.MULTILINE)
-    python_side = [f"{name}: {msg}" for name, msg in raised if not name.startswith("Py4J")]
-    if python_side:
-        return python_side[-1]
-    return text.splitlines()[0] if text else type(err).__name__
+        return RingtrainError(
+            f"the Spark barrier job failed before the workers finished: {spark.error_line(err)}"
+        )

@@ -396,15 +396,21 @@ def task_profile(session, cluster: ClusterConf, gpus: int):
     except Exception as err:
         raise ConfigError(
             f"Spark refused a stage-level GPU request of {gpus} GPU(s) per task on master "
-            f"{cluster.master} ({_first_line(err)}); set spark.task.resource.gpu.amount for the "
+            f"{cluster.master} ({error_line(err)}); set spark.task.resource.gpu.amount for the "
             "whole session instead"
         ) from None
     logger.info("the training stage asks for %d GPU(s) per task through its own resource profile", gpus)
     return profile
 
 
-def _first_line(err: BaseException) -> str:
+def error_line(err: BaseException) -> str:
+    """The most telling line of a Spark error: the last Python exception it quotes (one raised
+    in a task, say), else its first line; a Py4J wrapper line is never the answer."""
     text = str(err).strip()
+    raised = re.findall(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$", text, re.MULTILINE)
+    python_side = [f"{name}: {msg}" for name, msg in raised if not name.startswith("Py4J")]
+    if python_side:
+        return python_side[-1]
     return text.splitlines()[0] if text else type(err).__name__
 
 

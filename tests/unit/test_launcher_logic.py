@@ -282,3 +282,18 @@ def test_workers_never_inherit_an_unset_or_whole_task_omp_num_threads(monkeypatc
     # RINGTRAIN_TF_THREADS (or the user's worker env) sets it: that value is kept.
     chosen = TaskJob(("h", 1), b"s", "tf", b"", {"OMP_NUM_THREADS": "5"}, 1.0, False)
     assert worker_environ(chosen, specs[0], task_workers=2)["OMP_NUM_THREADS"] == "5"
+
+
+def test_error_line_picks_the_python_exception_a_spark_error_quotes():
+    from ringtrain.launcher import driver, spark
+
+    quoted = (
+        "py4j.protocol.Py4JJavaError: An error occurred while calling o42.collect.\n"
+        "org.apache.spark.SparkException: Job aborted due to stage failure: Task 1 failed\n"
+        '  File "agent.py", line 9, in run\n'
+        "ValueError: rank 1 ran out of data\n"
+    )
+    assert spark.error_line(RuntimeError(quoted)) == "ValueError: rank 1 ran out of data"
+    assert spark.error_line(RuntimeError("refused\nmore")) == "refused"
+    assert spark.error_line(RuntimeError("")) == "RuntimeError"
+    assert not hasattr(driver, "_first_line")  # one home: the driver uses spark.error_line
