@@ -42,25 +42,15 @@ MAX_PENDING = 64
 MAX_QUEUED_LOGS = 10_000
 
 
-def _recv_before(sock: socket.socket, n: int, deadline: float) -> bytes:
-    """``n`` bytes, all before ``deadline`` (time.monotonic()), or TimeoutError."""
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
+    """``n`` bytes; with ``deadline`` (time.monotonic()), all before it, or TimeoutError."""
     chunks = []
     while n:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("handshake deadline passed")
-        sock.settimeout(left)
-        chunk = sock.recv(min(n, 1 << 16))
-        if not chunk:
-            raise EOFError("peer closed the connection")
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    chunks = []
-    while n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("handshake deadline passed")
+            sock.settimeout(left)
         chunk = sock.recv(min(n, 1 << 20))
         if not chunk:
             raise EOFError("peer closed the connection")
@@ -153,12 +143,12 @@ def connect(
         ) from None
     deadline = time.monotonic() + timeout
     try:
-        if _recv_before(sock, len(_MAGIC), deadline) != _MAGIC:
+        if _recv_exact(sock, len(_MAGIC), deadline) != _MAGIC:
             raise ChannelError("the driver endpoint does not speak the ringtrain control protocol")
-        server_nonce = _recv_before(sock, _NONCE, deadline)
+        server_nonce = _recv_exact(sock, _NONCE, deadline)
         my_nonce = os.urandom(_NONCE)
         sock.sendall(_mac(secret, server_nonce) + my_nonce)
-        if not hmac.compare_digest(_recv_before(sock, _DIGEST, deadline), _mac(secret, my_nonce)):
+        if not hmac.compare_digest(_recv_exact(sock, _DIGEST, deadline), _mac(secret, my_nonce)):
             raise ChannelError("the driver failed authentication; the job secret does not match")
     except (OSError, EOFError) as err:
         sock.close()
@@ -297,10 +287,10 @@ class ChannelServer:
         nonce = os.urandom(_NONCE)
         sock.settimeout(self._handshake_timeout)
         sock.sendall(_MAGIC + nonce)
-        answer = _recv_before(sock, _DIGEST, deadline)
+        answer = _recv_exact(sock, _DIGEST, deadline)
         if not hmac.compare_digest(answer, _mac(self._secret, nonce)):
             return None
-        client_nonce = _recv_before(sock, _NONCE, deadline)
+        client_nonce = _recv_exact(sock, _NONCE, deadline)
         sock.sendall(_mac(self._secret, client_nonce))
         sock.settimeout(None)
         return _session_key(self._secret, nonce, client_nonce)
