@@ -85,7 +85,8 @@ def test_killed_task_or_keeper_leaves_nothing(tmp_path, victim):
         from ringtrain.launcher import keeper
         from ringtrain.launcher.agent import TaskJob
         from ringtrain.launcher.channel import ChannelServer
-        from ringtrain.protocol import Hello
+        import threading
+        from ringtrain.protocol import Offer, Rendezvous
         from ringtrain.worker import FunctionTask
 
         def fn():
@@ -98,6 +99,14 @@ def test_killed_task_or_keeper_leaves_nothing(tmp_path, victim):
 
         os.environ["TASK_PID"] = str(os.getpid())
         server = ChannelServer(b"s" * 32)
+
+        def answer_the_rendezvous():  # the driver's part: one task, so its offer is all offers
+            while True:
+                conn, message = server.inbox.get()
+                if isinstance(message, Offer):
+                    conn.send(Rendezvous((message.offer,)))
+
+        threading.Thread(target=answer_the_rendezvous, daemon=True).start()
         job = TaskJob(("127.0.0.1", server.port), b"s" * 32, "tf", cloudpickle.dumps(FunctionTask(fn)),
                       {{}}, 2.0, False, heartbeat_interval=0.5)
         keeper.run(job, 0, (), lambda offer: [offer])
