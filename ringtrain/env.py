@@ -230,7 +230,10 @@ VARS: dict[str, Var] = {
             "RINGTRAIN_TF_THREADS",
             "0",
             _non_negative_int,
-            "Intra- and inter-op TF threads per worker (also OMP_NUM_THREADS); 0 keeps TF's default.",
+            "Intra- and inter-op TF threads per worker (also OMP_NUM_THREADS). 0 keeps TF's own "
+            "intra- and inter-op choice, and sets OMP_NUM_THREADS (unless the job's worker env does) to "
+            "the task's CPUs (PySpark's OMP_NUM_THREADS, from spark.task.cpus) split among the task's "
+            "workers, or to the host's cores split among its workers when the task has no such value.",
         ),
         Var(
             "RINGTRAIN_LEGACY_KERAS",

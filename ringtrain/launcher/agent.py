@@ -73,7 +73,7 @@ from ..protocol import (
     write_atomic,
 )
 from . import channel
-from .ports import PortReservation
+from .ports import PortReservation, release_all, reserve_ports
 from .workers import MpiGroup, MpiRelay, ProcessGroup, WorkerGroup
 
 if TYPE_CHECKING:
@@ -138,9 +138,38 @@ class TaskJob:
         return bool(self.driver[0])
 
 
-def worker_environ(job: TaskJob, spec: rendezvous.WorkerSpec, data_dir: str | None = None) -> dict[str, str]:
+def omp_threads(inherited: str | None, task_workers: int, host_workers: int, host_cpus: int) -> int:
+    """Pure: OpenMP threads for each worker when neither RINGTRAIN_TF_THREADS nor the job set them.
+
+    ``inherited`` is the agent's OMP_NUM_THREADS, which PySpark sets to the task's CPUs
+    (``spark.task.cpus``): the task's share is split among its ``task_workers``. Without
+    it, the host's ``host_cpus`` are split among its ``host_workers``, so workers that
+    share a host never ask for more threads than it has cores.
+    """
+    try:
+        share = int(inherited or "")
+    except ValueError:
+        share = 0
+    if share > 0:
+        return max(1, share // max(1, task_workers))
+    return max(1, host_cpus // max(1, host_workers))
+
+
+def worker_environ(
+    job: TaskJob, spec: rendezvous.WorkerSpec, task_workers: int = 1, data_dir: str | None = None
+) -> dict[str, str]:
+    """One worker's environment: this task's, the job's, then the worker's place in the job.
+
+    ``task_workers`` is how many workers this task starts; they share its CPUs. ``data_dir``
+    holds the task's stored rows for a job with data.
+    """
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "OMP_NUM_THREADS" not in job.worker_env:
+        threads = omp_threads(
+            os.environ.get("OMP_NUM_THREADS"), task_workers, spec.local_size, len(os.sched_getaffinity(0))
+        )
+        env["OMP_NUM_THREADS"] = str(threads)
     env.update(job.worker_env)
     env.update(spec.environ())
     # The task's stored rows (ringtrain.data.shard reads them); none for a job without data.
@@ -437,7 +466,7 @@ class TaskAgent:
             stored = self._await_stored_rows(link)
             if stored is None:
                 return  # stopped while the rows were still arriving
-            reservations = [PortReservation() for _ in range(count)]
+            reservations = reserve_ports(count)
             offer = rendezvous.TaskOffer(
                 self.partition, host, tuple(r.port for r in reservations), self.gpus, per_worker, stored
             )
@@ -466,10 +495,14 @@ class TaskAgent:
             self._tell(AgentFailed(self.partition, _picklable(err), f"{type(err).__name__}: {err}"))
         finally:
             # Workers stop before their ports are released, and everything before "done".
-            if group is not None:
-                group.stop(self.job.kill_grace)
-            for reservation in reservations:
-                reservation.close()
+            try:
+                if group is not None:
+                    group.stop(self.job.kill_grace)
+            except Exception:
+                # The sweep below still reaches what the group left behind.
+                logger.exception("partition %s: stopping the workers failed", self.partition)
+            finally:
+                release_all(reservations)
             if self._sweep is not None:
                 self._sweep(self.job.kill_grace)
             shutil.rmtree(self.files.path, ignore_errors=True)
@@ -590,14 +623,17 @@ class TaskAgent:
 
     def _make_group(self, specs, offers, host: str, link: DriverLink) -> WorkerGroup:
         if self.job.backend == "mpi":
-            env = worker_environ(self.job, specs[0], self.data_dir)
+            env = worker_environ(self.job, specs[0], len(specs), self.data_dir)
             return MpiGroup(
                 specs, self.files, self._output, offers, self.partition, env, _LinkRelay(link), host
             )
         if importlib.util.find_spec("tensorflow") is None:
             raise BackendStartError(f"tensorflow is not installed for {sys.executable}")
         return ProcessGroup(
-            specs, self.files, self._output, lambda spec: worker_environ(self.job, spec, self.data_dir)
+            specs,
+            self.files,
+            self._output,
+            lambda spec: worker_environ(self.job, spec, len(specs), self.data_dir),
         )
 
     def _output(self, rank: int, stream: str, line: str) -> None:

@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from ..errors import ChannelError
-from ..protocol import seal, unseal
+from ..protocol import Log, LogsDropped, seal, unseal
 
 logger = logging.getLogger(__name__)
 
@@ -38,27 +38,19 @@ _SEQ = struct.Struct("!Q")
 MAX_FRAME = (1 << 31) - 1
 HANDSHAKE_TIMEOUT = 10.0
 MAX_PENDING = 64
+# Log lines one connection may have waiting in the server's inbox; more are counted, not kept.
+MAX_QUEUED_LOGS = 10_000
 
 
-def _recv_before(sock: socket.socket, n: int, deadline: float) -> bytes:
-    """``n`` bytes, all before ``deadline`` (time.monotonic()), or TimeoutError."""
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
+    """``n`` bytes; with ``deadline`` (time.monotonic()), all before it, or TimeoutError."""
     chunks = []
     while n:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("handshake deadline passed")
-        sock.settimeout(left)
-        chunk = sock.recv(min(n, 1 << 16))
-        if not chunk:
-            raise EOFError("peer closed the connection")
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    chunks = []
-    while n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("handshake deadline passed")
+            sock.settimeout(left)
         chunk = sock.recv(min(n, 1 << 20))
         if not chunk:
             raise EOFError("peer closed the connection")
@@ -151,12 +143,12 @@ def connect(
         ) from None
     deadline = time.monotonic() + timeout
     try:
-        if _recv_before(sock, len(_MAGIC), deadline) != _MAGIC:
+        if _recv_exact(sock, len(_MAGIC), deadline) != _MAGIC:
             raise ChannelError("the driver endpoint does not speak the ringtrain control protocol")
-        server_nonce = _recv_before(sock, _NONCE, deadline)
+        server_nonce = _recv_exact(sock, _NONCE, deadline)
         my_nonce = os.urandom(_NONCE)
         sock.sendall(_mac(secret, server_nonce) + my_nonce)
-        if not hmac.compare_digest(_recv_before(sock, _DIGEST, deadline), _mac(secret, my_nonce)):
+        if not hmac.compare_digest(_recv_exact(sock, _DIGEST, deadline), _mac(secret, my_nonce)):
             raise ChannelError("the driver failed authentication; the job secret does not match")
     except (OSError, EOFError) as err:
         sock.close()
@@ -184,10 +176,61 @@ def _bind(host: str, ports: tuple[int, int] | None) -> socket.socket:
     )
 
 
+class Inbox:
+    """What the agents sent, in arrival order, as ``(connection, message)``.
+
+    Control messages are always kept. Log lines are bounded per connection: while
+    ``max_logs`` of one connection's lines wait to be taken, its further lines are
+    counted by rank and dropped, so a rank that prints faster than the driver shows
+    cannot grow the driver's memory without limit. The counts arrive as
+    :class:`~ringtrain.protocol.LogsDropped`, ahead of that connection's next kept
+    message (or its close); the rank's log file in the job directory keeps every line.
+    """
+
+    def __init__(self, max_logs: int = MAX_QUEUED_LOGS):
+        self._queue: queue.Queue = queue.Queue()
+        self._max_logs = max_logs
+        self._lock = threading.Lock()
+        self._queued_logs: dict[Any, int] = {}
+        self._dropped: dict[Any, dict[int, int]] = {}
+
+    def put(self, conn: Any, message: Any) -> None:
+        with self._lock:
+            if isinstance(message, Log):
+                queued = self._queued_logs.get(conn, 0)
+                if queued >= self._max_logs:
+                    counts = self._dropped.setdefault(conn, {})
+                    counts[message.rank] = counts.get(message.rank, 0) + 1
+                    return
+                self._queued_logs[conn] = queued + 1
+            for rank, count in self._dropped.pop(conn, {}).items():
+                self._queue.put((conn, LogsDropped(rank, count)))
+            self._queue.put((conn, message))
+
+    def get(self, block: bool = True, timeout: float | None = None) -> tuple[Any, Any]:
+        """The next ``(connection, message)``; queue.Empty when there is none in time."""
+        conn, message = self._queue.get(block, timeout)
+        if isinstance(message, Log):
+            with self._lock:
+                left = self._queued_logs[conn] - 1
+                if left:
+                    self._queued_logs[conn] = left
+                else:
+                    del self._queued_logs[conn]
+        return conn, message
+
+    def get_nowait(self) -> tuple[Any, Any]:
+        return self.get(block=False)
+
+    def empty(self) -> bool:
+        return self._queue.empty()
+
+
 class ChannelServer:
     """The driver's end: accepts agents, authenticates them, queues what they send.
 
-    Messages arrive on :attr:`inbox` as ``(connection, message)``; a closed
+    Messages arrive on :attr:`inbox` (an :class:`Inbox`, which bounds each connection's
+    waiting log lines to ``max_queued_logs``) as ``(connection, message)``; a closed
     connection arrives as ``(connection, None)``. ``bind_host`` should be the driver's
     own address (loopback for a local session); ``ports`` an inclusive range, or None.
     """
@@ -198,10 +241,11 @@ class ChannelServer:
         bind_host: str = "127.0.0.1",
         ports: tuple[int, int] | None = None,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        max_queued_logs: int = MAX_QUEUED_LOGS,
     ):
         self._secret = secret
         self._handshake_timeout = handshake_timeout
-        self.inbox: queue.Queue = queue.Queue()
+        self.inbox = Inbox(max_queued_logs)
         self._connections: list[Connection] = []
         self._lock = threading.Lock()
         self._pending = threading.BoundedSemaphore(MAX_PENDING)
@@ -243,10 +287,10 @@ class ChannelServer:
         nonce = os.urandom(_NONCE)
         sock.settimeout(self._handshake_timeout)
         sock.sendall(_MAGIC + nonce)
-        answer = _recv_before(sock, _DIGEST, deadline)
+        answer = _recv_exact(sock, _DIGEST, deadline)
         if not hmac.compare_digest(answer, _mac(self._secret, nonce)):
             return None
-        client_nonce = _recv_before(sock, _NONCE, deadline)
+        client_nonce = _recv_exact(sock, _NONCE, deadline)
         sock.sendall(_mac(self._secret, client_nonce))
         sock.settimeout(None)
         return _session_key(self._secret, nonce, client_nonce)
@@ -268,7 +312,7 @@ class ChannelServer:
             self._connections.append(conn)
         try:
             while True:
-                self.inbox.put((conn, conn.recv()))
+                self.inbox.put(conn, conn.recv())
         except ChannelError as err:
             logger.warning("%s", err)
         except (OSError, EOFError, pickle.UnpicklingError):
@@ -280,7 +324,7 @@ class ChannelServer:
                 if conn in self._connections:
                     self._connections.remove(conn)
             conn.close()
-            self.inbox.put((conn, None))
+            self.inbox.put(conn, None)
 
     def connections(self) -> list[Connection]:
         with self._lock:

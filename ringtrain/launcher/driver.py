@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import re
 import secrets
 import sys
 import tempfile
@@ -267,11 +266,18 @@ def _launch_once(
             profile=layout.profile,
         )
         barrier.start()
-        spark.await_slots(barrier, layout, config)
-        supervisor = _Supervisor(
-            server, barrier, layout.num_tasks, layout.num_proc, config, printer, deadline, job_dir, secret
-        )
-        supervisor.address = f"{advertised}:{server.port}" if advertised else ""
+        try:
+            spark.await_slots(barrier, layout, config)
+            supervisor = _Supervisor(
+                server, barrier, layout.num_tasks, layout.num_proc, config, printer, deadline, job_dir, secret
+            )
+            supervisor.address = f"{advertised}:{server.port}" if advertised else ""
+        except BaseException:
+            # The stage is submitted but nothing supervises it yet: cancel its job group, so no
+            # task keeps running (or waiting for slots) after this call returns.
+            barrier.cancel()
+            barrier.join(config.abort_wait)
+            raise
         return supervisor.run()
 
 
@@ -445,7 +451,9 @@ class _Supervisor:
         host = hello.host if hello else "an unknown host"
         err = self.barrier.error
         spark_said = (
-            _first_line(err).rstrip(".") if err is not None else "nothing yet (the task is still running)"
+            spark.error_line(err).rstrip(".")
+            if err is not None
+            else "nothing yet (the task is still running)"
         )
         return AgentLostError(
             f"the task agent of partition {partition} on {host} was lost: {what}. Spark reported: "
@@ -765,7 +773,7 @@ class _Supervisor:
         if err is not None and not self._linked():
             # No agent could reach this process, so a failed stage is all it learns: a task (and
             # with it an agent) ended before it could put its report in the output rows.
-            said = _first_line(err).rstrip(".")
+            said = spark.error_line(err).rstrip(".")
             return AgentLostError(
                 f"a task of the barrier stage failed before its agent could report: Spark reported: "
                 f"{said}. The other tasks were stopped; if an executor was lost, retry with max_restarts",
@@ -776,14 +784,6 @@ class _Supervisor:
                 f"the Spark job ended but only {len(self.results)} of {self.num_proc} workers "
                 "reported; see the executor logs"
             )
-        return RingtrainError(f"the Spark barrier job failed before the workers finished: {_first_line(err)}")
-
-
-def _first_line(err: BaseException) -> str:
-    """The most telling line of a Spark job error: the Python exception raised in a task, if any."""
-    text = str(err).strip()
-    raised = re.findall(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$", text, re.MULTILINE)
-    python_side = [f"{name}: {msg}" for name, msg in raised if not name.startswith("Py4J")]
-    if python_side:
-        return python_side[-1]
-    return text.splitlines()[0] if text else type(err).__name__
+        return RingtrainError(
+            f"the Spark barrier job failed before the workers finished: {spark.error_line(err)}"
+        )

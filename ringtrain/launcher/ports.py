@@ -17,9 +17,13 @@ class PortReservation:
 
     def __init__(self) -> None:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        self._sock.bind(("0.0.0.0", 0))
-        self.port: int = self._sock.getsockname()[1]
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            self._sock.bind(("0.0.0.0", 0))
+            self.port: int = self._sock.getsockname()[1]
+        except BaseException:
+            self._sock.close()
+            raise
 
     def close(self) -> None:
         self._sock.close()
@@ -29,3 +33,27 @@ class PortReservation:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def reserve_ports(count: int) -> list[PortReservation]:
+    """``count`` held ports; if one cannot be had, those already held are released first."""
+    held: list[PortReservation] = []
+    try:
+        for _ in range(count):
+            held.append(PortReservation())
+    except BaseException:
+        release_all(held)
+        raise
+    return held
+
+
+def release_all(reservations: list[PortReservation]) -> None:
+    """Close every reservation, even when closing one of them fails."""
+    errors = []
+    for reservation in reservations:
+        try:
+            reservation.close()
+        except OSError as err:
+            errors.append(err)
+    if errors:
+        raise errors[0]

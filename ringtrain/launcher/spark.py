@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
 import re
 import socket
@@ -200,11 +201,40 @@ class Layout:
         return self.num_tasks * self.workers_per_task
 
 
+TASK_GPU_AMOUNT = "spark.task.resource.gpu.amount"
+EXECUTOR_GPU_AMOUNT = "spark.executor.resource.gpu.amount"
+
+
+def gpu_amount(key: str, value: str) -> float:
+    """A GPU amount Spark setting ``key`` holds, as a number; ConfigError naming both if it is none."""
+    try:
+        amount = float(value)
+    except ValueError:
+        amount = math.nan
+    if not math.isfinite(amount) or amount < 0:
+        raise ConfigError(f"{key}={value!r} is not a GPU amount; set it to a whole number of GPUs such as 1")
+    return amount
+
+
+def gpus_per_executor(conf_value: str | None) -> int:
+    """GPUs each executor has, from ``spark.executor.resource.gpu.amount``; 0 when unset."""
+    if conf_value in (None, ""):
+        return 0
+    amount = gpu_amount(EXECUTOR_GPU_AMOUNT, conf_value)
+    if amount != int(amount):
+        raise ConfigError(
+            f"{EXECUTOR_GPU_AMOUNT}={conf_value!r} is not a whole number; an executor holds whole GPUs"
+        )
+    return int(amount)
+
+
 def gpus_per_task(conf_value: str | None) -> int:
     """GPUs Spark gives each task, from ``spark.task.resource.gpu.amount``; 0 on CPU."""
     if conf_value in (None, "", "0"):
         return 0
-    amount = float(conf_value)
+    amount = gpu_amount(TASK_GPU_AMOUNT, conf_value)
+    if amount == 0:
+        return 0
     if amount < 1 or amount != int(amount):
         raise ConfigError(
             f"spark.task.resource.gpu.amount={conf_value} shares a GPU between tasks; ringtrain runs "
@@ -272,8 +302,8 @@ class ClusterConf:
         return cls(
             master=get("spark.master") or "",
             task_cpus=_int_conf(get("spark.task.cpus")) or 1,
-            task_gpus=get("spark.task.resource.gpu.amount"),
-            executor_gpus=_int_conf(get("spark.executor.resource.gpu.amount")) or 0,
+            task_gpus=get(TASK_GPU_AMOUNT),
+            executor_gpus=gpus_per_executor(get(EXECUTOR_GPU_AMOUNT)),
             executor_cores=_int_conf(get("spark.executor.cores")),
             executor_instances=_int_conf(get("spark.executor.instances")),
             dynamic_allocation=(get("spark.dynamicAllocation.enabled") or "").lower() == "true",
@@ -366,15 +396,21 @@ def task_profile(session, cluster: ClusterConf, gpus: int):
     except Exception as err:
         raise ConfigError(
             f"Spark refused a stage-level GPU request of {gpus} GPU(s) per task on master "
-            f"{cluster.master} ({_first_line(err)}); set spark.task.resource.gpu.amount for the "
+            f"{cluster.master} ({error_line(err)}); set spark.task.resource.gpu.amount for the "
             "whole session instead"
         ) from None
     logger.info("the training stage asks for %d GPU(s) per task through its own resource profile", gpus)
     return profile
 
 
-def _first_line(err: BaseException) -> str:
+def error_line(err: BaseException) -> str:
+    """The most telling line of a Spark error: the last Python exception it quotes (one raised
+    in a task, say), else its first line; a Py4J wrapper line is never the answer."""
     text = str(err).strip()
+    raised = re.findall(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$", text, re.MULTILINE)
+    python_side = [f"{name}: {msg}" for name, msg in raised if not name.startswith("Py4J")]
+    if python_side:
+        return python_side[-1]
     return text.splitlines()[0] if text else type(err).__name__
 
 

@@ -641,3 +641,32 @@ def test_the_task_job_crosses_the_keepers_socketpair():
     assert again == job and again.config.worker_env["A"] == "1"
     with pytest.raises(TypeError):
         again.config.worker_env["B"] = "2"  # still read-only
+
+
+def test_ports_are_released_even_when_stopping_the_workers_fails(tmp_path, monkeypatch):
+    from ringtrain.launcher import agent as agent_module
+
+    held = []
+    original = agent_module.reserve_ports
+
+    def reserve(count):
+        held.extend(original(count))
+        return list(held)
+
+    monkeypatch.setattr(agent_module, "reserve_ports", reserve)
+    h = Harness(tmp_path, {0: fails(3), 1: fails(4)})
+
+    class _StopFails(FakeGroup):
+        def stop(self, grace):
+            super().stop(grace)
+            raise OSError("the process group is gone")
+
+    def make_group(specs, offers, host, link):
+        h.group = _StopFails(specs, h.agent.files, h.agent._output, h.plans)
+        return h.group
+
+    h.agent._make_group = make_group
+    h.agent.run()  # logs the failed stop, then finishes as usual
+    assert isinstance(h.conn.sent[-1], Done)
+    assert len(held) == 2
+    assert all(r._sock.fileno() == -1 for r in held)

@@ -176,7 +176,7 @@ def test_an_empty_dataset_fails_every_task_after_the_exchange(tmp_path):
 def test_workers_see_the_data_directory_only_in_a_job_with_data(monkeypatch):
     monkeypatch.setenv(DATA_DIR_VAR, "/stale/from/the/executor")
     spec = rendezvous.plan([rendezvous.TaskOffer(0, "h", (1,))])[0]
-    assert worker_environ(_job(), spec, "/local/task0")[DATA_DIR_VAR] == "/local/task0"
+    assert worker_environ(_job(), spec, data_dir="/local/task0")[DATA_DIR_VAR] == "/local/task0"
     assert DATA_DIR_VAR not in worker_environ(_job(data_names=()), spec)
 
 

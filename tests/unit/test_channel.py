@@ -12,7 +12,7 @@ import pytest
 from ringtrain.errors import ChannelError
 from ringtrain.launcher import channel
 from ringtrain.launcher.channel import ChannelServer, connect
-from ringtrain.protocol import seal
+from ringtrain.protocol import Log, LogsDropped, Result, seal
 
 
 class _Tripwire:
@@ -189,3 +189,45 @@ def test_channel_address_follows_spark():
     assert channel_address(None, None) == ("127.0.0.1", "127.0.0.1")
     assert channel_address(None, "10.0.0.5") == ("10.0.0.5", "10.0.0.5")
     assert channel_address("0.0.0.0", "driver.example") == ("0.0.0.0", "driver.example")
+
+
+def test_inbox_bounds_each_connections_log_lines_and_counts_what_it_drops():
+    inbox = channel.Inbox(max_logs=3)
+    fast, other = object(), object()
+    for i in range(8):
+        inbox.put(fast, Log(i % 2, "stdout", f"line {i}"))
+    inbox.put(other, Log(5, "stdout", "another agent"))  # its own bound
+    inbox.put(fast, Result(0, b"r"))  # control messages are always kept
+    taken = [inbox.get_nowait() for _ in range(6)]
+    assert [m.line for c, m in taken[:3]] == ["line 0", "line 1", "line 2"]
+    assert taken[3] == (other, Log(5, "stdout", "another agent"))
+    # The counts come ahead of the connection's next kept message, by rank.
+    assert {m for c, m in taken[4:]} == {LogsDropped(1, 3), LogsDropped(0, 2)}
+    assert inbox.get_nowait() == (fast, Result(0, b"r"))
+    assert inbox.empty()
+    # Taking lines frees room again; a close still carries what was dropped before it.
+    for i in range(4):
+        inbox.put(fast, Log(0, "stderr", f"again {i}"))
+    inbox.put(fast, None)
+    rest = []
+    while not inbox.empty():
+        rest.append(inbox.get_nowait()[1])
+    assert rest == [*(Log(0, "stderr", f"again {i}") for i in range(3)), LogsDropped(0, 1), None]
+
+
+def test_a_fast_printing_agent_cannot_grow_the_servers_inbox_without_limit():
+    with ChannelServer(b"k" * 32, max_queued_logs=5) as server:
+        conn = connect(("127.0.0.1", server.port), b"k" * 32)
+        for i in range(200):
+            conn.send(Log(1, "stdout", f"line {i}"))
+        conn.send(Result(1, None))
+        # Nothing is taken until the server has read every frame: 5 lines, the count, the result.
+        deadline = time.monotonic() + 10
+        while server.inbox._queue.qsize() < 7:
+            assert time.monotonic() < deadline, server.inbox._queue.qsize()
+            time.sleep(0.01)
+        messages = [server.inbox.get_nowait()[1] for _ in range(7)]
+        conn.close()
+    lines = [m for m in messages if isinstance(m, Log)]
+    assert [m.line for m in lines] == [f"line {i}" for i in range(5)]
+    assert messages[5:] == [LogsDropped(1, 195), Result(1, None)]

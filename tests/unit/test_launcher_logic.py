@@ -1,5 +1,6 @@
 """Pure launcher logic: task layout, GPU amounts, noise filter, worker environment."""
 
+import os
 import pickle
 import signal
 import socket
@@ -9,10 +10,11 @@ import pytest
 from ringtrain.backends.tf import communication, gpu_assigned
 from ringtrain.config import JobConfig
 from ringtrain.errors import ConfigError, Failure, ResourceError, WorkerError
+from ringtrain.launcher import ports
 from ringtrain.launcher.agent import TaskJob, is_tf_noise, worker_environ
 from ringtrain.launcher.driver import _keras_env
-from ringtrain.launcher.ports import PortReservation
-from ringtrain.launcher.spark import gpus_per_task, layout_for
+from ringtrain.launcher.ports import PortReservation, release_all, reserve_ports
+from ringtrain.launcher.spark import ClusterConf, gpus_per_executor, gpus_per_task, layout_for
 from ringtrain.rendezvous import TaskOffer, plan
 
 
@@ -43,6 +45,34 @@ def test_gpu_amounts():
     assert gpus_per_task("1.0") == 1
     with pytest.raises(ConfigError, match="whole number"):
         gpus_per_task("0.5")
+    assert gpus_per_task("0.0") == 0
+    assert gpus_per_executor(None) == 0
+    assert gpus_per_executor("4") == 4
+
+
+@pytest.mark.parametrize("value", ["one", "nan", "inf", "-1", "1,5"])
+def test_a_gpu_amount_that_is_no_number_names_the_setting(value):
+    with pytest.raises(ConfigError, match=rf"spark\.task\.resource\.gpu\.amount='{value}'"):
+        gpus_per_task(value)
+    with pytest.raises(ConfigError, match=rf"spark\.executor\.resource\.gpu\.amount='{value}'"):
+        gpus_per_executor(value)
+
+
+def test_an_executor_holds_whole_gpus():
+    with pytest.raises(ConfigError, match=r"spark\.executor\.resource\.gpu\.amount='1.5' is not a whole"):
+        gpus_per_executor("1.5")
+
+
+def test_the_session_reader_refuses_a_bad_executor_gpu_amount():
+    class _Conf:
+        def get(self, key, default=None):
+            return {"spark.master": "yarn", "spark.executor.resource.gpu.amount": "two"}.get(key, default)
+
+    class _Session:
+        conf = _Conf()
+
+    with pytest.raises(ConfigError, match=r"spark\.executor\.resource\.gpu\.amount='two'"):
+        ClusterConf.read(_Session())
 
 
 def test_tf_noise_filter_drops_startup_lines_only():
@@ -202,3 +232,74 @@ def test_with_parent_death_kills_the_command_when_its_starter_is_killed(tmp_path
         if starter.poll() is None:
             starter.kill()
     assert with_parent_death(["x"])[-1] == "x"
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_failed_reservation_releases_every_port_already_held(monkeypatch):
+    made = []
+
+    class _Socket(socket.socket):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+        def bind(self, address):
+            if len(made) == 3:
+                raise OSError(98, "Address already in use")
+            super().bind(address)
+
+    monkeypatch.setattr(ports.socket, "socket", _Socket)
+    with pytest.raises(OSError, match="already in use"):
+        reserve_ports(4)
+    assert len(made) == 3
+    assert all(sock.fileno() == -1 for sock in made)  # the two held and the failed one
+
+
+def test_many_reservations_leave_no_descriptor_behind():
+    before = _open_fds()
+    for _ in range(50):
+        release_all(reserve_ports(4))
+    assert _open_fds() == before
+
+
+def test_omp_threads_split_the_tasks_cpus_among_its_workers():
+    from ringtrain.launcher.agent import omp_threads
+
+    assert omp_threads("1", task_workers=1, host_workers=4, host_cpus=16) == 1  # PySpark's spark.task.cpus
+    assert omp_threads("8", task_workers=2, host_workers=2, host_cpus=16) == 4
+    assert omp_threads("1", task_workers=4, host_workers=4, host_cpus=16) == 1  # never 0
+    # No value from the task: the host's cores, split among the workers on the host.
+    assert omp_threads(None, task_workers=1, host_workers=4, host_cpus=16) == 4
+    assert omp_threads("junk", task_workers=1, host_workers=3, host_cpus=2) == 1
+
+
+def test_workers_never_inherit_an_unset_or_whole_task_omp_num_threads(monkeypatch):
+    offers = [TaskOffer(0, "h", (7, 8), ("0", "1")), TaskOffer(1, "h", (9, 10), ("2", "3"))]
+    specs = plan(offers)
+    job = TaskJob(("h", 1), b"s", "tf", b"", {}, 1.0, False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")  # a task of 6 CPUs running 2 workers
+    assert worker_environ(job, specs[0], task_workers=2)["OMP_NUM_THREADS"] == "3"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    cores = len(os.sched_getaffinity(0))
+    assert worker_environ(job, specs[0], task_workers=2)["OMP_NUM_THREADS"] == str(max(1, cores // 4))
+    # RINGTRAIN_TF_THREADS (or the user's worker env) sets it: that value is kept.
+    chosen = TaskJob(("h", 1), b"s", "tf", b"", {"OMP_NUM_THREADS": "5"}, 1.0, False)
+    assert worker_environ(chosen, specs[0], task_workers=2)["OMP_NUM_THREADS"] == "5"
+
+
+def test_error_line_picks_the_python_exception_a_spark_error_quotes():
+    from ringtrain.launcher import driver, spark
+
+    quoted = (
+        "py4j.protocol.Py4JJavaError: An error occurred while calling o42.collect.\n"
+        "org.apache.spark.SparkException: Job aborted due to stage failure: Task 1 failed\n"
+        '  File "agent.py", line 9, in run\n'
+        "ValueError: rank 1 ran out of data\n"
+    )
+    assert spark.error_line(RuntimeError(quoted)) == "ValueError: rank 1 ran out of data"
+    assert spark.error_line(RuntimeError("refused\nmore")) == "refused"
+    assert spark.error_line(RuntimeError("")) == "RuntimeError"
+    assert not hasattr(driver, "_first_line")  # one home: the driver uses spark.error_line

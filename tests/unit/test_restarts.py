@@ -166,3 +166,48 @@ def test_max_restarts_and_job_dir_are_checked():
     with pytest.raises(ConfigError, match="stall_timeout"):
         JobConfig(stall_timeout=float("inf"))
     assert JobConfig(stall_timeout=0).stall_timeout == 0
+
+
+@pytest.mark.parametrize("where", ["await_slots", "supervisor"])
+def test_a_stage_submitted_before_supervision_fails_is_cancelled(monkeypatch, tmp_path, where):
+    """Anything that raises between submitting the barrier stage and the supervisor taking
+    over cancels the stage, and waits for it, before the error propagates."""
+
+    class _Conf:
+        def get(self, key, default=None):
+            return {"spark.master": "local[2]", "spark.driver.host": "127.0.0.1"}.get(key, default)
+
+    class _Session:
+        conf = _Conf()
+
+    stages = []
+
+    class _Stage:
+        def __init__(self, session, num_tasks, task_fn, data=None, profile=None):
+            self.events = []
+            stages.append(self)
+
+        def start(self):
+            self.events.append("start")
+
+        def cancel(self):
+            self.events.append("cancel")
+
+        def join(self, timeout=None):
+            self.events.append("join")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError(f"{where} broke")
+
+    monkeypatch.setattr(driver, "BarrierStage", _Stage)
+    if where == "await_slots":
+        monkeypatch.setattr(spark, "await_slots", broken)
+    else:
+        monkeypatch.setattr(spark, "await_slots", lambda stage, layout, config: None)
+        monkeypatch.setattr(driver, "_Supervisor", broken)
+    with pytest.raises(RuntimeError, match=f"{where} broke"):
+        driver._launch_once(
+            _Session(), spark.Layout(2, 1), JobConfig(), b"", driver.LogPrinter(), 0, str(tmp_path), None
+        )
+    (stage,) = stages
+    assert stage.events == ["start", "cancel", "join"]
