@@ -206,6 +206,17 @@ VARS: dict[str, Var] = {
             "so agents do not try, and results come back with the stage's output rows.",
         ),
         Var(
+            "RINGTRAIN_PREWARM",
+            "0",
+            _flag,
+            "1 leaves, in each Spark Python worker that ran a ringtrain task, one spare task agent "
+            "for the next job, its worker processes already started (fresh interpreters, no user "
+            "code) with the slow modules the last job's workers used (tensorflow) imported; it "
+            "dies with that Python worker or the executor. Each waiting worker that imported "
+            "tensorflow holds about 700 MB of memory on the executor's host, counted against "
+            "container limits (YARN, Kubernetes). 0 keeps nothing between jobs.",
+        ),
+        Var(
             "RINGTRAIN_TF_THREADS",
             "0",
             _non_negative_int,
@@ -360,6 +371,7 @@ INTERNAL = {
     "RINGTRAIN_RESTART_COUNT": "which attempt this is: 0 first, then 1, 2, ... (ringtrain.restart_count())",
     "RINGTRAIN_RESULTS": "whose return values travel to the driver: all, none, or a comma list of ranks",
     "RINGTRAIN_DATA_DIR": "the task's data directory (layout.json, one Arrow IPC file per dataset)",
+    "RINGTRAIN_PREIMPORT": "modules a worker started ahead of its placement imports first (comma list)",
 }
 
 

@@ -38,7 +38,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,9 +70,10 @@ from ..protocol import (
     seal_row,
     write_atomic,
 )
+from ..worker import PREIMPORTABLE
 from . import channel
 from .ports import PortReservation
-from .workers import MpiGroup, MpiRelay, ProcessGroup, WorkerGroup
+from .workers import PLACEMENT_KEYS, MpiGroup, MpiRelay, ProcessGroup, WorkerGroup, WorkerPool
 
 if TYPE_CHECKING:
     from .stage import StageTask
@@ -127,6 +128,8 @@ class TaskJob:
     # settings, and its deadline as a wall-clock time (time.time()), None for no timeout.
     config: JobConfig = field(default_factory=JobConfig)
     deadline: float | None = None
+    # Leave a spare keeper, with its workers started, for the next task (RINGTRAIN_PREWARM).
+    prewarm: bool = False
 
     @property
     def driver_reachable(self) -> bool:
@@ -134,7 +137,8 @@ class TaskJob:
         return bool(self.driver[0])
 
 
-def worker_environ(job: TaskJob, spec: rendezvous.WorkerSpec) -> dict[str, str]:
+def worker_environ(job: TaskJob, spec: rendezvous.WorkerSpec, preimport: str = "") -> dict[str, str]:
+    """A worker's whole environment. ``preimport`` names the slow modules it imports ahead."""
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.update(job.worker_env)
@@ -149,7 +153,24 @@ def worker_environ(job: TaskJob, spec: rendezvous.WorkerSpec) -> dict[str, str]:
         # after any PYTHONPATH the user gave the workers.
         PYTHONPATH=os.pathsep.join(p for p in [job.worker_env.get("PYTHONPATH", ""), *sys.path] if p),
     )
+    if preimport:
+        env["RINGTRAIN_PREIMPORT"] = preimport
     return env
+
+
+def preimport_value(names: Iterable[str]) -> str:
+    """RINGTRAIN_PREIMPORT for these module names: in PREIMPORTABLE's order (each may import
+    the ones before it), one spelling for a set, so that the next job's workers and the spares
+    started for it get the very same value and a spare's environment can match."""
+    return ",".join(sorted(set(names), key=PREIMPORTABLE.index))
+
+
+def early_environ(job: TaskJob, gpus: tuple[str, ...], preimport: str = "") -> dict[str, str]:
+    """The environment a worker with ``gpus`` starts with, before the rendezvous places it:
+    :func:`worker_environ` without what only the placement knows."""
+    unplaced = rendezvous.WorkerSpec(0, 1, 0, 1, 0, "", 0, gpus, ())
+    env = worker_environ(job, unplaced, preimport)
+    return {k: v for k, v in env.items() if k not in PLACEMENT_KEYS}
 
 
 class DriverLink:
@@ -382,6 +403,8 @@ class TaskAgent:
         *,
         connect: Callable[..., Any] = channel.connect,
         sweep: Callable[[float], Any] | None = None,
+        pool: WorkerPool | None = None,
+        preimport: str = "",
     ):
         self.job = job
         self.partition = partition
@@ -395,8 +418,14 @@ class TaskAgent:
         self._logs = RankLogs(job.job_dir, job.attempt)
         self._tails: dict[int, collections.deque] = {}
         self._hub: Any = None
+        self._pool = pool or WorkerPool()
+        self._preimport = preimport
         self.detached = False
         self.rows: list[bytes] = []
+        # The early environment of each worker this task started, and the slow modules they
+        # imported: what a spare keeper prepares for the task's next job.
+        self.spare_envs: list[dict[str, str]] = []
+        self.imports: set[str] = set()
 
     def lose_task(self, reason: str) -> None:
         """The Spark task hosting this agent vanished: tell the driver, and stop."""
@@ -409,6 +438,7 @@ class TaskAgent:
             link.stop(reason)
 
     def run(self) -> None:
+        self._prestart_workers()
         link = self._link = self._reach_driver()
         if self._lost:
             self.lose_task(self._lost)
@@ -448,6 +478,8 @@ class TaskAgent:
             # Workers stop before their ports are released, and everything before "done".
             if group is not None:
                 group.stop(self.job.kill_grace)
+            self._pool.close()
+            self._learn_imports(specs)
             for reservation in reservations:
                 reservation.close()
             if self._sweep is not None:
@@ -464,6 +496,48 @@ class TaskAgent:
             if self._hub is not None:
                 wait = self.job.kill_grace + self.job.config.abort_wait + 5.0
                 self.rows.extend(seal_row(self.job.secret, m) for m in self._hub.finish(wait))
+
+    # -- workers started ahead
+
+    def _slot_gpus(self) -> list[tuple[str, ...]]:
+        per_worker = self.job.gpus_per_worker
+        count = rendezvous.workers_per_task(self.gpus, per_worker)
+        return [tuple(self.gpus[i * per_worker : (i + 1) * per_worker]) for i in range(count)]
+
+    def _prestart_workers(self) -> None:
+        """Start (or take from a spare keeper) the tf backend's worker interpreters now, so
+        their start and imports overlap the rendezvous."""
+        if self.job.backend != "tf":
+            self._pool.close()
+            return
+        try:
+            envs = [early_environ(self.job, gpus, self._preimport) for gpus in self._slot_gpus()]
+        except Exception as err:  # a bad GPU split: the rendezvous reports it
+            logger.debug("no worker started ahead: %s", err)
+            return
+        self._pool.prepare(envs)
+        if self._pool.adopted:
+            logger.info("partition %s: %d spare worker(s) taken", self.partition, self._pool.adopted)
+        # The next job's spares: the same start, importing what this job's workers import.
+        self.spare_envs = envs
+
+    def preimport_names(self) -> str:
+        """The slow modules this task's workers imported, as RINGTRAIN_PREIMPORT lists them."""
+        return preimport_value(self.imports)
+
+    def _learn_imports(self, specs: list[rendezvous.WorkerSpec]) -> None:
+        for spec in specs:
+            try:
+                found = self.files.imports(spec.rank).read_text()
+            except OSError:
+                continue
+            self.imports.update(name for name in found.split(",") if name)
+        if self.spare_envs:
+            names = self.preimport_names()
+            for env in self.spare_envs:
+                env.pop("RINGTRAIN_PREIMPORT", None)
+                if names:
+                    env["RINGTRAIN_PREIMPORT"] = names
 
     # -- reaching the driver, and the rendezvous
 
@@ -553,7 +627,13 @@ class TaskAgent:
             )
         if importlib.util.find_spec("tensorflow") is None:
             raise BackendStartError(f"tensorflow is not installed for {sys.executable}")
-        return ProcessGroup(specs, self.files, self._output, lambda spec: worker_environ(self.job, spec))
+        return ProcessGroup(
+            specs,
+            self.files,
+            self._output,
+            lambda spec: worker_environ(self.job, spec, self._preimport),
+            self._pool,
+        )
 
     def _output(self, rank: int, stream: str, line: str) -> None:
         self._logs.write(rank, line)

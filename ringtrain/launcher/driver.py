@@ -227,6 +227,7 @@ def _launch_once(
             heartbeat_timeout=config.heartbeat_timeout,
             config=config,
             deadline=None if deadline is None else time.time() + (deadline - time.monotonic()),
+            prewarm=config.prewarm,
         )
         task_fn = partial(run_barrier_task, job)
         barrier = BarrierStage(session, layout.num_tasks, task_fn, profile=layout.profile)
