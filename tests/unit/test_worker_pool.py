@@ -261,3 +261,20 @@ def test_the_preimport_list_has_one_spelling_whatever_the_order_found():
     assert preimport_value(["keras", "tensorflow", "numpy", "tf_keras"]) == "numpy,tensorflow,tf_keras,keras"
     assert preimport_value({"tensorflow", "numpy"}) == preimport_value(["numpy", "tensorflow"])
     assert preimport_value([]) == ""
+
+
+def test_a_spare_for_other_gpus_is_never_adopted():
+    job = _job()
+    on_gpu_0, on_gpu_1 = early_environ(job, ("0",)), early_environ(job, ("1",))
+    assert on_gpu_0["CUDA_VISIBLE_DEVICES"] == "0" and on_gpu_1["CUDA_VISIBLE_DEVICES"] == "1"
+    pool = WorkerPool()
+    pool.spare([on_gpu_0])
+    spare = pool._waiting[0].proc
+    waiting = pool.take(0, on_gpu_1)
+    try:
+        assert waiting.proc.pid != spare.pid and spare.poll() is not None and pool.adopted == 0
+        assert waiting.env["CUDA_VISIBLE_DEVICES"] == "1"
+    finally:
+        waiting.proc.kill()
+        waiting.proc.wait()
+        pool.close()
