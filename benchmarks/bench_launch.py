@@ -1,8 +1,13 @@
 """Launch overhead, side by side on warm sessions.
 
 Default: ringtrain.run against spark-tensorflow-distributor on one warm local[2] session,
-alternating, so machine noise hits both alike: a trivial function, and a 50-step tiny Keras
-fit (tf-keras, since Keras 3's fit fails under MultiWorkerMirroredStrategy).
+alternating, so machine noise hits all alike: a trivial function, and a 50-step tiny Keras
+fit (tf-keras, since Keras 3's fit fails under MultiWorkerMirroredStrategy). ringtrain runs
+three ways each round, in this order: RINGTRAIN_PREWARM=0; RINGTRAIN_PREWARM=1 right after
+it, so with no spare task agent yet (what the first job pays); then, once the spare workers
+that job left have finished their imports and sit idle (so they take no CPU from the run
+that follows), spark-tensorflow-distributor, and RINGTRAIN_PREWARM=1 again, which finds
+the spares.
 spark-tensorflow-distributor is installed only for this benchmark:
 
     pip install --no-deps spark-tensorflow-distributor==1.0.0
@@ -61,11 +66,60 @@ def _std_run(fn):
     return MirroredStrategyRunner(num_slots=2, use_gpu=False).run(fn)
 
 
-def _ringtrain_run(fn):
-    import ringtrain
+def _ringtrain_runner(prewarm: str):
+    def run(fn):
+        import ringtrain
 
-    # The tf backend: the same MultiWorkerMirroredStrategy collectives as the runner beside it.
-    return ringtrain.run(fn, num_proc=2, backend="tf")
+        os.environ["RINGTRAIN_PREWARM"] = prewarm
+        # The tf backend: the same MultiWorkerMirroredStrategy collectives as the runner beside it.
+        return ringtrain.run(fn, num_proc=2, backend="tf")
+
+    return run
+
+
+def _cpu_ticks(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return -1
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _wait_for_idle_spares(count: int = 2, timeout: float = 120.0) -> None:
+    """Until ``count`` spare workers (this machine: local[2]) exist and used no CPU for 0.5 s."""
+    deadline = time.monotonic() + timeout
+    before: dict[int, int] = {}
+    while time.monotonic() < deadline:
+        pids = [
+            int(p)
+            for p in os.listdir("/proc")
+            if p.isdigit() and _cmdline(p).endswith("-m ringtrain.worker --placement")
+        ]
+        now = {pid: _cpu_ticks(pid) for pid in pids}
+        if len(pids) >= count and now == before:
+            return
+        before = now
+        time.sleep(0.5)
+    print(f"warning: spare workers not idle after {timeout:.0f} s", file=sys.stderr)
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+STD = "spark-tensorflow-distributor"
+# In the order each round runs them (see the module notes).
+RUNNERS = {
+    "ringtrain prewarm=0": _ringtrain_runner("0"),
+    "ringtrain prewarm=1, no spare": _ringtrain_runner("1"),
+    STD: _std_run,
+    "ringtrain prewarm=1, spare": _ringtrain_runner("1"),
+}
 
 
 def main() -> None:
@@ -90,32 +144,19 @@ def main() -> None:
     spark = loopback_session("local[2]", "bench-launch")
     spark.sparkContext.parallelize(range(2), 2).count()  # warm the Python workers
 
-    runners = {"ringtrain": _ringtrain_run, "spark-tensorflow-distributor": _std_run}
     jobs = {"trivial fn": trivial, f"tiny Keras fit, {STEPS} steps": tiny_fit}
-    times: dict[str, dict[str, list[float]]] = {job: {r: [] for r in runners} for job in jobs}
+    times: dict[str, dict[str, list[float]]] = {job: {r: [] for r in RUNNERS} for job in jobs}
     for job, fn in jobs.items():
-        for runner in runners.values():
+        for runner in RUNNERS.values():
             runner(fn)  # one untimed warm-up each
         for _ in range(args.repeats):
-            for name, runner in runners.items():
+            for name, runner in RUNNERS.items():
+                if name == STD:
+                    _wait_for_idle_spares()
                 start = time.perf_counter()
                 runner(fn)
                 times[job][name].append(time.perf_counter() - start)
-
-    report = []
-    print(f"{'job':28} {'ringtrain s':>12} {'std s':>10} {'std / ringtrain':>16}")
-    for job, by_runner in times.items():
-        ours = statistics.median(by_runner["ringtrain"])
-        theirs = statistics.median(by_runner["spark-tensorflow-distributor"])
-        print(f"{job:28} {ours:12.2f} {theirs:10.2f} {theirs / ours:16.2f}")
-        report.append(
-            {
-                "job": job,
-                "ringtrain_s": by_runner["ringtrain"],
-                "std_s": by_runner["spark-tensorflow-distributor"],
-                "median_ratio_std_over_ringtrain": theirs / ours,
-            }
-        )
+    report = _print_comparison(f"warm local[2], {args.repeats} repeats", times, STD)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"benchmark": "launch", "repeats": args.repeats, "results": report}, f, indent=2)

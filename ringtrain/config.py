@@ -52,6 +52,7 @@ class JobConfig:
     heartbeat_timeout: float = 30.0
     channel_ports: tuple[int, int] | None = None
     driver_host: str = ""
+    prewarm: bool = False
     legacy_keras: bool = True
     show_tf_noise: bool = False
     worker_settings: Mapping[str, str] = field(default_factory=dict)
@@ -137,6 +138,7 @@ class JobConfig:
             heartbeat_timeout=env.get("RINGTRAIN_HEARTBEAT_TIMEOUT"),
             channel_ports=env.get("RINGTRAIN_CHANNEL_PORTS"),
             driver_host=env.get("RINGTRAIN_DRIVER_HOST"),
+            prewarm=env.get("RINGTRAIN_PREWARM"),
             legacy_keras=env.get("RINGTRAIN_LEGACY_KERAS"),
             show_tf_noise=env.get("RINGTRAIN_TF_NOISE"),
             job_dir=job_dir or None,

@@ -227,13 +227,24 @@ VARS: dict[str, Var] = {
             "so agents do not try, and results come back with the stage's output rows.",
         ),
         Var(
+            "RINGTRAIN_PREWARM",
+            "0",
+            _flag,
+            "1 leaves, in each Spark Python worker that ran a ringtrain task, one spare task agent "
+            "for the next job, its worker processes already started (fresh interpreters, no user "
+            "code) with the slow modules the last job's workers used (tensorflow) imported; it "
+            "dies with that Python worker or the executor. Each waiting worker that imported "
+            "tensorflow holds about 700 MB of memory on the executor's host, counted against "
+            "container limits (YARN, Kubernetes). 0 keeps nothing between jobs.",
+        ),
+        Var(
             "RINGTRAIN_TF_THREADS",
             "0",
             _non_negative_int,
             "Intra- and inter-op TF threads per worker (also OMP_NUM_THREADS). 0 keeps TF's own "
             "intra- and inter-op choice, and sets OMP_NUM_THREADS (unless the job's worker env does) to "
             "the task's CPUs (PySpark's OMP_NUM_THREADS, from spark.task.cpus) split among the task's "
-            "workers, or to the host's cores split among its workers when the task has no such value.",
+            "workers, or the host's cores split among them when the task has no such value.",
         ),
         Var(
             "RINGTRAIN_LEGACY_KERAS",
@@ -414,6 +425,7 @@ INTERNAL = {
     "find this session's processes only",
     "RINGTRAIN_FAKE_GPU_COUNTER": "tests: the file tests/helpers/fake_gpus.sh counts in, handing each "
     "executor the next two fake GPU addresses",
+    "RINGTRAIN_PREIMPORT": "modules a worker started ahead of its placement imports first (comma list)",
 }
 
 

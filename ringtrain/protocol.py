@@ -310,7 +310,8 @@ class WorkDir:
     worker writes ``result-N`` (its pickled return value, empty when not asked for) or
     ``error-N`` (its traceback), and keeps ``progress-N`` current. An MPI rank's launcher
     shim writes ``status-N`` (the rank's exit status) and routes its output through the
-    ``stdout-N.fifo``/``stderr-N.fifo`` pipes. ``stacks-N`` receives a rank's stack dump.
+    ``stdout-N.fifo``/``stderr-N.fifo`` pipes. ``stacks-N`` receives a rank's stack dump, and
+    ``imports-N`` lists the slow modules a rank had imported when ``fn`` returned.
     """
 
     def __init__(self, path: str | Path):
@@ -344,6 +345,10 @@ class WorkDir:
 
     def stacks(self, rank: int) -> Path:
         return self.path / f"stacks-{rank}.txt"
+
+    def imports(self, rank: int) -> Path:
+        """The slow modules the rank had imported when fn returned (comma-separated)."""
+        return self.path / f"imports-{rank}"
 
     def script_dir(self, rank: int) -> Path:
         return self.path / f"script-{rank}"

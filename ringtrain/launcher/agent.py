@@ -72,9 +72,10 @@ from ..protocol import (
     seal_row,
     write_atomic,
 )
+from ..worker import PREIMPORTABLE
 from . import channel
 from .ports import PortReservation, release_all, reserve_ports
-from .workers import MpiGroup, MpiRelay, ProcessGroup, WorkerGroup
+from .workers import PLACEMENT_KEYS, MpiGroup, MpiRelay, ProcessGroup, WorkerGroup, WorkerPool
 
 if TYPE_CHECKING:
     from .stage import StageTask
@@ -131,6 +132,8 @@ class TaskJob:
     # settings, and its deadline as a wall-clock time (time.time()), None for no timeout.
     config: JobConfig = field(default_factory=JobConfig)
     deadline: float | None = None
+    # Leave a spare keeper, with its workers started, for the next task (RINGTRAIN_PREWARM).
+    prewarm: bool = False
 
     @property
     def driver_reachable(self) -> bool:
@@ -138,13 +141,13 @@ class TaskJob:
         return bool(self.driver[0])
 
 
-def omp_threads(inherited: str | None, task_workers: int, host_workers: int, host_cpus: int) -> int:
+def omp_threads(inherited: str | None, task_workers: int, host_cpus: int) -> int:
     """Pure: OpenMP threads for each worker when neither RINGTRAIN_TF_THREADS nor the job set them.
 
     ``inherited`` is the agent's OMP_NUM_THREADS, which PySpark sets to the task's CPUs
     (``spark.task.cpus``): the task's share is split among its ``task_workers``. Without
-    it, the host's ``host_cpus`` are split among its ``host_workers``, so workers that
-    share a host never ask for more threads than it has cores.
+    it, the host's ``host_cpus`` are split among them. Only what the task knows before the
+    rendezvous counts, so a worker started ahead gets the same value as one started after.
     """
     try:
         share = int(inherited or "")
@@ -152,23 +155,26 @@ def omp_threads(inherited: str | None, task_workers: int, host_workers: int, hos
         share = 0
     if share > 0:
         return max(1, share // max(1, task_workers))
-    return max(1, host_cpus // max(1, host_workers))
+    return max(1, host_cpus // max(1, task_workers))
 
 
 def worker_environ(
-    job: TaskJob, spec: rendezvous.WorkerSpec, task_workers: int = 1, data_dir: str | None = None
+    job: TaskJob,
+    spec: rendezvous.WorkerSpec,
+    task_workers: int = 1,
+    data_dir: str | None = None,
+    preimport: str = "",
 ) -> dict[str, str]:
     """One worker's environment: this task's, the job's, then the worker's place in the job.
 
     ``task_workers`` is how many workers this task starts; they share its CPUs. ``data_dir``
-    holds the task's stored rows for a job with data.
+    holds the task's stored rows for a job with data. ``preimport`` names the slow modules
+    the worker imports ahead.
     """
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "OMP_NUM_THREADS" not in job.worker_env:
-        threads = omp_threads(
-            os.environ.get("OMP_NUM_THREADS"), task_workers, spec.local_size, len(os.sched_getaffinity(0))
-        )
+        threads = omp_threads(os.environ.get("OMP_NUM_THREADS"), task_workers, len(os.sched_getaffinity(0)))
         env["OMP_NUM_THREADS"] = str(threads)
     env.update(job.worker_env)
     env.update(spec.environ())
@@ -186,7 +192,27 @@ def worker_environ(
         # after any PYTHONPATH the user gave the workers.
         PYTHONPATH=os.pathsep.join(p for p in [job.worker_env.get("PYTHONPATH", ""), *sys.path] if p),
     )
+    if preimport:
+        env["RINGTRAIN_PREIMPORT"] = preimport
     return env
+
+
+def preimport_value(names: Iterable[str]) -> str:
+    """RINGTRAIN_PREIMPORT for these module names: in PREIMPORTABLE's order (each may import
+    the ones before it), one spelling for a set, so that the next job's workers and the spares
+    started for it get the very same value and a spare's environment can match."""
+    return ",".join(sorted(set(names), key=PREIMPORTABLE.index))
+
+
+def early_environ(
+    job: TaskJob, gpus: tuple[str, ...], task_workers: int = 1, preimport: str = ""
+) -> dict[str, str]:
+    """The environment a worker with ``gpus`` (one of the task's ``task_workers``) starts
+    with, before the rendezvous places it: :func:`worker_environ` without what only the
+    placement knows."""
+    unplaced = rendezvous.WorkerSpec(0, 1, 0, 1, 0, "", 0, gpus, ())
+    env = worker_environ(job, unplaced, task_workers, preimport=preimport)
+    return {k: v for k, v in env.items() if k not in PLACEMENT_KEYS}
 
 
 class DriverLink:
@@ -424,6 +450,8 @@ class TaskAgent:
         sweep: Callable[[float], Any] | None = None,
         data_dir: str | None = None,
         stored_rows: Callable[[float], str | None] | None = None,
+        pool: WorkerPool | None = None,
+        preimport: str = "",
     ):
         self.job = job
         self.partition = partition
@@ -439,8 +467,14 @@ class TaskAgent:
         self._logs = RankLogs(job.job_dir, job.attempt)
         self._tails: dict[int, collections.deque] = {}
         self._hub: Any = None
+        self._pool = pool or WorkerPool()
+        self._preimport = preimport
         self.detached = False
         self.rows: list[bytes] = []
+        # The early environment of each worker this task started, and the slow modules they
+        # imported: what a spare keeper prepares for the task's next job.
+        self.spare_envs: list[dict[str, str]] = []
+        self.imports: set[str] = set()
 
     def lose_task(self, reason: str) -> None:
         """The Spark task hosting this agent vanished: tell the driver, and stop."""
@@ -453,6 +487,7 @@ class TaskAgent:
             link.stop(reason)
 
     def run(self) -> None:
+        self._prestart_workers()
         link = self._link = self._reach_driver()
         if self._lost:
             self.lose_task(self._lost)
@@ -502,7 +537,9 @@ class TaskAgent:
                 # The sweep below still reaches what the group left behind.
                 logger.exception("partition %s: stopping the workers failed", self.partition)
             finally:
+                self._pool.close()
                 release_all(reservations)
+            self._learn_imports(specs)
             if self._sweep is not None:
                 self._sweep(self.job.kill_grace)
             shutil.rmtree(self.files.path, ignore_errors=True)
@@ -517,6 +554,49 @@ class TaskAgent:
             if self._hub is not None:
                 wait = self.job.kill_grace + self.job.config.abort_wait + 5.0
                 self.rows.extend(seal_row(self.job.secret, m) for m in self._hub.finish(wait))
+
+    # -- workers started ahead
+
+    def _slot_gpus(self) -> list[tuple[str, ...]]:
+        per_worker = self.job.gpus_per_worker
+        count = rendezvous.workers_per_task(self.gpus, per_worker)
+        return [tuple(self.gpus[i * per_worker : (i + 1) * per_worker]) for i in range(count)]
+
+    def _prestart_workers(self) -> None:
+        """Start (or take from a spare keeper) the tf backend's worker interpreters now, so
+        their start and imports overlap the rendezvous."""
+        if self.job.backend != "tf":
+            self._pool.close()
+            return
+        try:
+            slots = self._slot_gpus()
+            envs = [early_environ(self.job, gpus, len(slots), self._preimport) for gpus in slots]
+        except Exception as err:  # a bad GPU split: the rendezvous reports it
+            logger.debug("no worker started ahead: %s", err)
+            return
+        self._pool.prepare(envs)
+        if self._pool.adopted:
+            logger.info("partition %s: %d spare worker(s) taken", self.partition, self._pool.adopted)
+        # The next job's spares: the same start, importing what this job's workers import.
+        self.spare_envs = envs
+
+    def preimport_names(self) -> str:
+        """The slow modules this task's workers imported, as RINGTRAIN_PREIMPORT lists them."""
+        return preimport_value(self.imports)
+
+    def _learn_imports(self, specs: list[rendezvous.WorkerSpec]) -> None:
+        for spec in specs:
+            try:
+                found = self.files.imports(spec.rank).read_text()
+            except OSError:
+                continue
+            self.imports.update(name for name in found.split(",") if name)
+        if self.spare_envs:
+            names = self.preimport_names()
+            for env in self.spare_envs:
+                env.pop("RINGTRAIN_PREIMPORT", None)
+                if names:
+                    env["RINGTRAIN_PREIMPORT"] = names
 
     # -- reaching the driver, and the rendezvous
 
@@ -633,7 +713,8 @@ class TaskAgent:
             specs,
             self.files,
             self._output,
-            lambda spec: worker_environ(self.job, spec, len(specs), self.data_dir),
+            lambda spec: worker_environ(self.job, spec, len(specs), self.data_dir, self._preimport),
+            self._pool,
         )
 
     def _output(self, rank: int, stream: str, line: str) -> None:

@@ -256,6 +256,7 @@ def _launch_once(
             data_names=prepared.names if prepared else (),
             config=config,
             deadline=None if deadline is None else time.time() + (deadline - time.monotonic()),
+            prewarm=config.prewarm,
         )
         task_fn = partial(run_barrier_task, job)
         barrier = BarrierStage(

@@ -21,6 +21,19 @@ PySpark worker (the barrier task: run(), a child subreaper while it runs)
   every other descendant, removes the working directory and exits.
 - If the keeper itself is killed, its orphans re-parent to the PySpark worker, which is
   a subreaper for as long as the task runs and stops them the same way before it returns.
+
+**Spare keepers.** With RINGTRAIN_PREWARM=1 (off by default), each task whose agent
+finished leaves one spare keeper behind in its PySpark worker (a reused Python worker, which runs the next
+task sent to it): a keeper already started, its modules imported, that has started the
+task's workers again (fresh interpreters, waiting for their placement, see
+:class:`~.workers.WorkerPool`) and made them import the slow modules the job's workers
+used, such as tensorflow. The next ringtrain task of that PySpark worker hands its job to
+the spare instead of starting a keeper, and its agent takes each waiting worker whose
+environment is exactly the one it would start (else it starts a fresh one). A spare runs
+no user code, dies with its PySpark worker (a parent-death signal, so with the executor,
+and when Spark stops an idle Python worker), and is replaced, never reused, by each task.
+A waiting worker that has imported tensorflow holds about 700 MB of memory, so the
+setting is off by default.
 """
 
 from __future__ import annotations
@@ -40,6 +53,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from ..data.spill import make_task_dir, spill
@@ -49,6 +63,7 @@ from .channel import _recv_exact
 
 logger = logging.getLogger(__name__)
 
+PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 PR_GET_CHILD_SUBREAPER = 37
 _FRAME = struct.Struct("!Q")
@@ -130,6 +145,73 @@ def _describe_exit(code: int | None) -> str:
 # ------------------------------------------------------------------ the PySpark side
 
 
+@dataclass
+class _Spare:
+    """A keeper started ahead for this PySpark worker's next task."""
+
+    proc: subprocess.Popen
+    sock: socket.socket
+    env: dict[str, str]  # what it was started with; a task whose keeper would differ starts its own
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        self.sock.close()  # EOF: it stops its waiting workers and exits
+        if _wait(self.proc, 5.0) is None:
+            self.proc.kill()
+            _wait(self.proc, 5.0)
+
+
+# This PySpark worker's spare keeper, and the slow modules its last ringtrain task's workers
+# imported (PySpark reuses its Python workers, so these live from one task to the next).
+_spare: _Spare | None = None
+_imports = ""
+
+
+def _keeper_env() -> dict[str, str]:
+    """The environment a keeper started now gets: this task's, with the modules this task
+    sees (addPyFile included) on its path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [env.get("PYTHONPATH", ""), *sys.path] if p)
+    return env
+
+
+def _start_keeper(env: dict[str, str], spare: bool) -> tuple[subprocess.Popen, socket.socket]:
+    ours, theirs = socket.socketpair()
+    argv = [sys.executable, "-m", "ringtrain.launcher.keeper", str(theirs.fileno())]
+    proc = subprocess.Popen(
+        [*argv, "--spare"] if spare else argv,
+        pass_fds=[theirs.fileno()],
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        env=env,
+    )
+    theirs.close()
+    return proc, ours
+
+
+def _hand_to_spare(spare: _Spare | None, env: dict[str, str], message: tuple) -> _Spare | None:
+    """Send the task's job to this PySpark worker's spare keeper if it may run it; return the
+    spare if it took the job. A spare that is dead, started with another environment, or
+    gone before it took the job is closed, and the task starts its own keeper."""
+    if spare is None:
+        return None
+    if not spare.alive():
+        logger.info("spare task agent (pid %s) had exited; starting a new one", spare.proc.pid)
+    elif spare.env != env:
+        differ = sorted(k for k in set(env) | set(spare.env) if env.get(k) != spare.env.get(k))
+        logger.info("spare task agent not used: its environment differs in %s", differ)
+    else:
+        try:
+            _send(spare.sock, message)
+            return spare
+        except OSError as err:  # it died just now
+            logger.info("spare task agent (pid %s) could not take the job: %s", spare.proc.pid, err)
+    spare.close()
+    return None
+
+
 def run(
     job,
     partition: int,
@@ -143,28 +225,30 @@ def run(
     started has ended and its working directory is gone), relaying allGather meanwhile.
     For a job with data, this process first stores the task's input ``batches`` on local
     disk while the keeper starts and connects, then hands it the summary (or the error).
-    Raises AgentLostError if the keeper dies before it finishes.
+    Raises AgentLostError if the keeper dies before it finishes. The keeper is this PySpark
+    worker's spare if it has a live one (and the job allows it); afterwards a new spare is
+    started for the next task.
     """
+    global _spare, _imports
     workdir = tempfile.mkdtemp(prefix=f"ringtrain-p{partition}-")
     data_dir: str | None = None
     was_subreaper = set_subreaper(True)
-    ours, theirs = socket.socketpair()
+    spare, _spare = _spare, None
     proc: subprocess.Popen | None = None
+    ours: socket.socket | None = None
+    next_spare: list[dict[str, str]] | None = None
+    env = _keeper_env()
     try:
         if job.data_names:
             data_dir = str(make_task_dir(partition, job.worker_env.get("RINGTRAIN_DATA_SPILL_DIR")))
-        env = dict(os.environ)
-        # The keeper and its workers see the modules this task sees (addPyFile included).
-        env["PYTHONPATH"] = os.pathsep.join(p for p in [env.get("PYTHONPATH", ""), *sys.path] if p)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ringtrain.launcher.keeper", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()],
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            env=env,
-        )
-        theirs.close()
-        _send(ours, (job, partition, gpus, workdir, data_dir))
+        # With RINGTRAIN_PREWARM off nothing of an earlier job is used: no spare, no imports ahead.
+        message = (job, partition, gpus, workdir, data_dir, _imports if job.prewarm else "")
+        taken = _hand_to_spare(spare if job.prewarm else _closed(spare), env, message)
+        if taken is not None:
+            proc, ours = taken.proc, taken.sock
+        else:
+            proc, ours = _start_keeper(env, spare=False)
+            _send(ours, message)
         if data_dir is not None:
             # Here, not in the keeper: the rows arrive in this process, and moving them on
             # to the keeper would copy every byte once more.
@@ -187,9 +271,11 @@ def run(
             if kind == "gather":
                 _send(ours, ("gathered", all_gather(body)))
             elif kind == "finished":
-                return body
+                rows, next_spare, _imports = body
+                return rows
     finally:
-        ours.close()  # EOF: a keeper still running stops everything and exits
+        if ours is not None:
+            ours.close()  # EOF: a keeper still running stops everything and exits
         if proc is not None and _wait(proc, job.kill_grace + 10.0) is None:
             proc.kill()
             _wait(proc, 5.0)
@@ -198,6 +284,24 @@ def run(
         shutil.rmtree(workdir, ignore_errors=True)
         if data_dir is not None:  # last: every worker reading it has ended
             shutil.rmtree(data_dir, ignore_errors=True)
+        if job.prewarm and next_spare is not None:
+            _spare = _prepare_spare(env, next_spare)
+
+
+def _closed(spare: _Spare | None) -> None:
+    if spare is not None:
+        spare.close()
+
+
+def _prepare_spare(env: dict[str, str], worker_envs: list[dict[str, str]]) -> _Spare | None:
+    """Start the spare keeper for this PySpark worker's next task (see the module notes)."""
+    try:
+        proc, ours = _start_keeper(env, spare=True)
+        _send(ours, worker_envs)
+    except OSError as err:
+        logger.info("no spare task agent: %s", err)
+        return None
+    return _Spare(proc, ours, env)
 
 
 def _store_rows(batches: Iterable[Any], directory: str, partition: int, names: tuple[str, ...]) -> tuple:
@@ -276,7 +380,9 @@ class _Relay:
             raise AgentLostError("the Spark task hosting this agent vanished during the rendezvous")
         return reply[1]
 
-    def finish(self, rows: list[bytes]) -> None:
+    def finish(self, rows: tuple[list[bytes], list[dict[str, str]], str]) -> None:
+        """The task's output rows, the environments of its workers (for a spare keeper), and
+        the slow modules they imported."""
         try:
             with self._send_lock:
                 _send(self._sock, ("finished", rows))
@@ -284,15 +390,37 @@ class _Relay:
             pass
 
 
-def main(fd: int) -> None:
-    """Entry point of the keeper process (``python -m ringtrain.launcher.keeper FD``)."""
+def _die_with_parent() -> None:
+    """A spare keeper dies with its PySpark worker (and so with the executor)."""
+    parent = os.getppid()
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+def main(fd: int, spare: bool = False) -> None:
+    """Entry point of the keeper process (``python -m ringtrain.launcher.keeper FD [--spare]``).
+
+    A spare first starts the workers it is sent the environments of, then waits for its job.
+    """
     from .agent import TaskAgent
+    from .workers import WorkerPool
 
     set_subreaper(True)
     # The PySpark worker's stop signals are not ours; SIGTERM still ends the agent cleanly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if spare:
+        _die_with_parent()
     sock = socket.socket(fileno=fd)
-    job, partition, gpus, workdir, data_dir = _recv(sock)
+    pool = WorkerPool()
+    try:
+        if spare:
+            me = str(os.getpid())
+            pool.spare([{**env, "RINGTRAIN_PARENT_PID": me} for env in _recv(sock)])
+        job, partition, gpus, workdir, data_dir, imports = _recv(sock)
+    except (EOFError, OSError):  # the PySpark worker went away before a job came
+        pool.close()
+        os._exit(0)
     relay = _Relay(sock)
     agent = TaskAgent(
         job,
@@ -303,6 +431,8 @@ def main(fd: int) -> None:
         sweep=stop_descendants,
         data_dir=data_dir,
         stored_rows=relay.stored_rows,
+        pool=pool,
+        preimport=imports,
     )
 
     def task_lost() -> None:
@@ -324,7 +454,8 @@ def main(fd: int) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
         if data_dir is not None:  # also here: the PySpark side may be gone
             shutil.rmtree(data_dir, ignore_errors=True)
-        relay.finish([*agent.rows, seal_row(job.secret, Done(partition))])
+        rows = [*agent.rows, seal_row(job.secret, Done(partition))]
+        relay.finish((rows, agent.spare_envs, agent.preimport_names()))
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
@@ -334,4 +465,4 @@ if __name__ == "__main__":
     # Through the package, so the agent and this module share one copy of it.
     from ringtrain.launcher import keeper
 
-    keeper.main(int(sys.argv[1]))
+    keeper.main(int(sys.argv[1]), spare="--spare" in sys.argv[2:])

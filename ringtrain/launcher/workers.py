@@ -21,26 +21,58 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from .. import progress
 from ..errors import BackendError, BackendStartError
 from ..protocol import STACK_SIGNAL, MpiLaunch, WorkDir
 from ..rendezvous import TaskOffer, WorkerSpec
+from ..worker import PLACEMENT_ARG
 
 logger = logging.getLogger(__name__)
+
+# What a worker learns only with its placement, after the rendezvous; everything else in its
+# environment is fixed before, when it starts (CUDA_VISIBLE_DEVICES included: TF reads it
+# when it first looks for devices, and a spare worker has imported TF already).
+PLACEMENT_KEYS = frozenset(
+    {
+        "RANK",
+        "SIZE",
+        "LOCAL_RANK",
+        "LOCAL_SIZE",
+        "TF_CONFIG",
+        "RINGTRAIN_RESTART_COUNT",
+        "RINGTRAIN_JOB_DIR",
+        "RINGTRAIN_RESULTS",
+        "RINGTRAIN_DATA_DIR",
+    }
+)
 
 # Receives each line a worker writes: (rank, "stdout" | "stderr", line without newline).
 OutputSink = Callable[[int, str, str], None]
 
 
 class _LineReaders:
-    """Threads that read a worker's pipes line by line into an :data:`OutputSink`."""
+    """Threads that read a worker's pipes line by line into an :data:`OutputSink`.
 
-    def __init__(self, rank: int, sink: OutputSink):
+    A worker started before the rendezvous has no rank yet: its lines wait here until
+    :meth:`place` gives it one.
+    """
+
+    def __init__(self, rank: int | None, sink: OutputSink):
         self._rank = rank
         self._sink = sink
         self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._early: list[tuple[str, str]] = []
+
+    def place(self, rank: int) -> None:
+        with self._lock:
+            self._rank = rank
+            early, self._early = self._early, []
+        for stream, line in early:
+            self._sink(rank, stream, line)
 
     def follow(self, open_pipe: Callable[[], BinaryIO], stream: str) -> None:
         thread = threading.Thread(target=self._read, args=(open_pipe, stream), daemon=True)
@@ -50,7 +82,13 @@ class _LineReaders:
     def _read(self, open_pipe: Callable[[], BinaryIO], stream: str) -> None:
         pipe = open_pipe()
         for raw in iter(pipe.readline, b""):
-            self._sink(self._rank, stream, raw.decode("utf-8", errors="replace").rstrip("\n"))
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            with self._lock:
+                rank = self._rank
+                if rank is None:
+                    self._early.append((stream, line))
+                    continue
+            self._sink(rank, stream, line)
         pipe.close()
 
     def join(self, timeout: float = 5.0) -> None:
@@ -184,8 +222,92 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
+@dataclass
+class Waiting:
+    """A worker process started ahead of its placement (see :class:`WorkerPool`)."""
+
+    proc: subprocess.Popen
+    env: dict[str, str]  # what it was started with: its early environment
+    readers: _LineReaders
+    spare: bool = False  # started by a spare keeper, before its job was known
+
+
+class WorkerPool:
+    """Worker interpreters started before the rendezvous, one per slot of the task, each
+    waiting on stdin for its placement (``python -m ringtrain.worker --placement``).
+
+    Their interpreter start, and the imports named in RINGTRAIN_PREIMPORT, so overlap the
+    rendezvous. A spare keeper fills a pool between jobs (:meth:`spare`); the next job takes
+    a spare worker only if it was started with exactly the environment that job's worker
+    would get (the placement adds only rank, size, TF_CONFIG and the job's own paths), so a
+    worker never runs under settings it was not started with. Everything not taken is killed.
+    """
+
+    def __init__(self, sink: OutputSink | None = None):
+        self.sink: OutputSink = sink or (lambda rank, stream, line: None)
+        self._waiting: dict[int, Waiting] = {}
+        self.adopted = 0  # spares taken by a job (for logs and tests)
+
+    def spare(self, envs: Sequence[dict[str, str]]) -> None:
+        """Start one waiting worker per environment, for a job that has not come yet."""
+        for slot, env in enumerate(envs):
+            self._waiting[slot] = self._start(env, spare=True)
+
+    def prepare(self, envs: Sequence[dict[str, str]]) -> None:
+        """Make slot ``i`` a worker started with ``envs[i]``: a matching spare, else a fresh one."""
+        for slot, env in enumerate(envs):
+            self._waiting[slot] = self._matching(self._waiting.pop(slot, None), env, slot)
+        for slot in sorted(set(self._waiting) - set(range(len(envs)))):
+            _kill_waiting(self._waiting.pop(slot))
+
+    def take(self, slot: int, env: dict[str, str]) -> Waiting:
+        """Slot ``slot``'s worker if it was started with ``env``, else a fresh one that is."""
+        return self._matching(self._waiting.pop(slot, None), env, slot)
+
+    def _matching(self, waiting: Waiting | None, env: dict[str, str], slot: int) -> Waiting:
+        if waiting is not None and waiting.proc.poll() is None and waiting.env == env:
+            if waiting.spare:
+                waiting.spare = False
+                self.adopted += 1
+            return waiting
+        if waiting is not None:
+            differ = sorted(k for k in set(env) | set(waiting.env) if env.get(k) != waiting.env.get(k))
+            logger.info("worker of slot %d started anew: its environment differs in %s", slot, differ)
+            _kill_waiting(waiting)
+        return self._start(env)
+
+    def _start(self, env: dict[str, str], spare: bool = False) -> Waiting:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ringtrain.worker", PLACEMENT_ARG],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        readers = _LineReaders(None, lambda rank, stream, line: self.sink(rank, stream, line))
+        readers.follow(lambda: proc.stdout, "stdout")
+        readers.follow(lambda: proc.stderr, "stderr")
+        return Waiting(proc, dict(env), readers, spare)
+
+    def close(self) -> None:
+        """Kill every worker nobody took (they have run no user code)."""
+        for slot in list(self._waiting):
+            _kill_waiting(self._waiting.pop(slot))
+
+
+def _kill_waiting(waiting: Waiting) -> None:
+    _signal_group(waiting.proc.pid, signal.SIGKILL)
+    waiting.proc.wait()
+
+
 class ProcessGroup(WorkerGroup):
-    """One worker process per rank, each in its own session (tf backend)."""
+    """One worker process per rank, each in its own session (tf backend).
+
+    ``pool`` holds the workers started ahead (slot ``i`` is the task's ``i``-th rank);
+    ``environ(spec)`` is each worker's whole environment, of which the pool's worker already
+    has everything but :data:`PLACEMENT_KEYS`, sent with its placement.
+    """
 
     def __init__(
         self,
@@ -193,28 +315,32 @@ class ProcessGroup(WorkerGroup):
         files: WorkDir,
         sink: OutputSink,
         environ: Callable[[WorkerSpec], dict[str, str]],
+        pool: WorkerPool | None = None,
     ):
         super().__init__(specs, files, sink)
         self._environ = environ
+        self._pool = pool or WorkerPool()
         self._procs: dict[int, subprocess.Popen] = {}
         self._readers: dict[int, _LineReaders] = {}
 
     def start(self) -> bool:
-        argv = [sys.executable, "-m", "ringtrain.worker", str(self.files.path)]
-        for spec in self.specs:
-            proc = subprocess.Popen(
-                argv,
-                env=self._environ(spec),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-            )
-            self._procs[spec.rank] = proc
-            readers = _LineReaders(spec.rank, self.sink)
-            readers.follow(lambda proc=proc: proc.stdout, "stdout")
-            readers.follow(lambda proc=proc: proc.stderr, "stderr")
-            self._readers[spec.rank] = readers
+        self._pool.sink = self.sink
+        for slot, spec in enumerate(self.specs):
+            env = self._environ(spec)
+            waiting = self._pool.take(slot, {k: v for k, v in env.items() if k not in PLACEMENT_KEYS})
+            placement = {
+                "workdir": str(self.files.path),
+                "env": {k: env[k] for k in PLACEMENT_KEYS if k in env},
+            }
+            try:
+                assert waiting.proc.stdin is not None
+                waiting.proc.stdin.write(json.dumps(placement).encode() + b"\n")
+                waiting.proc.stdin.close()
+            except OSError:
+                pass  # it died waiting: poll() reports how
+            self._procs[spec.rank] = waiting.proc
+            waiting.readers.place(spec.rank)
+            self._readers[spec.rank] = waiting.readers
         return True
 
     def poll(self, rank: int) -> int | None:
@@ -238,6 +364,7 @@ class ProcessGroup(WorkerGroup):
         for proc in self._procs.values():
             _signal_group(proc.pid, signal.SIGKILL)  # also reaches what a worker left in its group
             proc.wait()
+        self._pool.close()
 
 
 class MpiRelay(ABC):

@@ -2,11 +2,18 @@
 
 ``python -m ringtrain.worker WORKDIR`` loads the job's payload from WORKDIR, runs
 it, and leaves the return value or the traceback there for the agent.
+
+``python -m ringtrain.worker --placement`` is started before the rendezvous: it imports
+what RINGTRAIN_PREIMPORT names (the heavy modules the task's previous job used, such as
+tensorflow), then waits for one JSON line on stdin, ``{"workdir": ..., "env": {...}}``,
+which gives it its place in the job (rank, TF_CONFIG, ...). Its interpreter start and
+imports so overlap the rendezvous, or, in a spare worker, happen between jobs.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib
 import json
 import os
 import signal
@@ -23,6 +30,14 @@ from ..protocol import MAX_RESULT_BYTES, WorkDir, write_atomic
 from . import _watch
 
 PR_SET_PDEATHSIG = 1
+
+# The argument that starts a worker which waits for its placement on stdin.
+PLACEMENT_ARG = "--placement"
+
+# Modules slow enough to import that a worker started ahead of its job imports them early
+# if the task's previous job used them (tensorflow alone takes 2.5-6 s here). mpi4py is
+# never among them: importing it joins an MPI world.
+PREIMPORTABLE = ("numpy", "tensorflow", "tf_keras", "keras")
 
 
 @dataclass(frozen=True)
@@ -154,6 +169,29 @@ def become_mpi_rank() -> str:
     os._exit(code if code >= 0 else 128 - code)
 
 
+def await_placement() -> str:
+    """Import what RINGTRAIN_PREIMPORT names, then wait for this worker's placement on stdin;
+    returns the workdir. Exits quietly if the agent closes stdin first (the job never came)."""
+    die_with_parent()
+    for name in filter(None, os.environ.pop("RINGTRAIN_PREIMPORT", "").split(",")):
+        try:
+            importlib.import_module(name)
+        except Exception:  # fn's own import of it will raise, where the user sees it
+            sys.modules.pop(name, None)
+    line = sys.stdin.readline()
+    if not line:
+        os._exit(0)
+    placement = json.loads(line)
+    os.environ.update(placement["env"])
+    return placement["workdir"]
+
+
+def heavy_imports() -> list[str]:
+    """Which of the slow modules this worker has imported (the next job's workers import
+    them ahead; see PREIMPORTABLE)."""
+    return [name for name in PREIMPORTABLE if name in sys.modules]
+
+
 def _join_backend() -> None:
     """Set up what the backend needs before user code runs."""
     if os.environ.get("RINGTRAIN_BACKEND") == "mpi":
@@ -198,6 +236,7 @@ def _finish(files: WorkDir, rank: int, value: Any, recorder: Any) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     recorder.finished()
+    write_atomic(files.imports(rank), ",".join(heavy_imports()).encode())
     write_atomic(files.result(rank), data)
     while not files.release.exists():
         time.sleep(0.02)
@@ -219,6 +258,8 @@ def _leave_backend() -> None:
 def main(workdir: str | None = None) -> int:
     if "RINGTRAIN_LOCAL_ENVS" in os.environ:
         workdir = become_mpi_rank()
+    elif workdir == PLACEMENT_ARG:
+        workdir = await_placement()
     if workdir is None:
         sys.exit("usage: python -m ringtrain.worker WORKDIR (started by a ringtrain task agent)")
     die_with_parent()

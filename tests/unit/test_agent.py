@@ -14,7 +14,7 @@ from ringtrain import progress
 from ringtrain.config import JobConfig
 from ringtrain.errors import BackendStartError, ConfigError, JobTimeoutError, StallError, WorkerError
 from ringtrain.launcher.agent import DriverLink, RankLogs, TaskAgent, TaskJob, _LinkRelay
-from ringtrain.launcher.workers import WorkerGroup, format_stacks, is_blocked
+from ringtrain.launcher.workers import WorkerGroup, WorkerPool, format_stacks, is_blocked
 from ringtrain.protocol import (
     Abort,
     AgentFailed,
@@ -175,6 +175,13 @@ def _job(**kw):
     return TaskJob(**{**defaults, **kw})
 
 
+class IdlePool(WorkerPool):
+    """Starts no process: the fake groups here need none."""
+
+    def prepare(self, envs):
+        self.prepared = list(envs)
+
+
 class Harness:
     """One agent for a task with two GPUs (two workers, ranks 0 and 1), run on a thread."""
 
@@ -200,6 +207,7 @@ class Harness:
             all_gather=self._no_gather,
             workdir=self.workdir,
             connect=lambda address, secret, **kw: self.conn,
+            pool=IdlePool(),
         )
         self.thread = threading.Thread(target=self.agent.run, daemon=True)
 
@@ -485,7 +493,7 @@ class DetachedJob:
         for partition in (0, 1):
             workdir = tmp_path / f"work-{partition}"
             workdir.mkdir()
-            self.agents.append(Agent(job, partition, (), gather_of(partition), workdir))
+            self.agents.append(Agent(job, partition, (), gather_of(partition), workdir, pool=IdlePool()))
         self.threads = [threading.Thread(target=a.run, daemon=True) for a in self.agents]
 
     def run(self, timeout=30.0):

@@ -80,12 +80,11 @@ def test_killed_task_or_keeper_leaves_nothing(tmp_path, victim):
     report = tmp_path / "tree.json"
     script = textwrap.dedent(
         f"""
-        import json, os, subprocess, sys, time
+        import json, os, subprocess, sys, threading, time
         import cloudpickle
         from ringtrain.launcher import keeper
         from ringtrain.launcher.agent import TaskJob
         from ringtrain.launcher.channel import ChannelServer
-        import threading
         from ringtrain.protocol import Offer, Rendezvous
         from ringtrain.worker import FunctionTask
 
@@ -97,15 +96,14 @@ def test_killed_task_or_keeper_leaves_nothing(tmp_path, victim):
             os.replace({str(report)!r} + ".tmp", {str(report)!r})
             time.sleep(600)
 
-        os.environ["TASK_PID"] = str(os.getpid())
-        server = ChannelServer(b"s" * 32)
-
-        def answer_the_rendezvous():  # the driver's part: one task, so its offer is all offers
+        def answer_the_rendezvous():  # the driver's part, for a one-task job
             while True:
                 conn, message = server.inbox.get()
                 if isinstance(message, Offer):
                     conn.send(Rendezvous((message.offer,)))
 
+        os.environ["TASK_PID"] = str(os.getpid())
+        server = ChannelServer(b"s" * 32)
         threading.Thread(target=answer_the_rendezvous, daemon=True).start()
         job = TaskJob(("127.0.0.1", server.port), b"s" * 32, "tf", cloudpickle.dumps(FunctionTask(fn)),
                       {{}}, 2.0, False, heartbeat_interval=0.5)

@@ -268,12 +268,12 @@ def test_many_reservations_leave_no_descriptor_behind():
 def test_omp_threads_split_the_tasks_cpus_among_its_workers():
     from ringtrain.launcher.agent import omp_threads
 
-    assert omp_threads("1", task_workers=1, host_workers=4, host_cpus=16) == 1  # PySpark's spark.task.cpus
-    assert omp_threads("8", task_workers=2, host_workers=2, host_cpus=16) == 4
-    assert omp_threads("1", task_workers=4, host_workers=4, host_cpus=16) == 1  # never 0
-    # No value from the task: the host's cores, split among the workers on the host.
-    assert omp_threads(None, task_workers=1, host_workers=4, host_cpus=16) == 4
-    assert omp_threads("junk", task_workers=1, host_workers=3, host_cpus=2) == 1
+    assert omp_threads("1", task_workers=1, host_cpus=16) == 1  # PySpark's spark.task.cpus
+    assert omp_threads("8", task_workers=2, host_cpus=16) == 4
+    assert omp_threads("1", task_workers=4, host_cpus=16) == 1  # never 0
+    # No value from the task: the host's cores, split among the task's workers.
+    assert omp_threads(None, task_workers=4, host_cpus=16) == 4
+    assert omp_threads("junk", task_workers=3, host_cpus=2) == 1
 
 
 def test_workers_never_inherit_an_unset_or_whole_task_omp_num_threads(monkeypatch):
@@ -284,7 +284,7 @@ def test_workers_never_inherit_an_unset_or_whole_task_omp_num_threads(monkeypatc
     assert worker_environ(job, specs[0], task_workers=2)["OMP_NUM_THREADS"] == "3"
     monkeypatch.delenv("OMP_NUM_THREADS")
     cores = len(os.sched_getaffinity(0))
-    assert worker_environ(job, specs[0], task_workers=2)["OMP_NUM_THREADS"] == str(max(1, cores // 4))
+    assert worker_environ(job, specs[0], task_workers=2)["OMP_NUM_THREADS"] == str(max(1, cores // 2))
     # RINGTRAIN_TF_THREADS (or the user's worker env) sets it: that value is kept.
     chosen = TaskJob(("h", 1), b"s", "tf", b"", {"OMP_NUM_THREADS": "5"}, 1.0, False)
     assert worker_environ(chosen, specs[0], task_workers=2)["OMP_NUM_THREADS"] == "5"
