@@ -255,6 +255,15 @@ def _leave_backend() -> None:
             MPI.Finalize()
 
 
+def _failure_text(err: BaseException) -> str:
+    """The failing rank's traceback. SIGTERM (the agent stopping every rank after this one's
+    peer died, say) may land while it is formatted: then the exception's own lines do."""
+    try:
+        return traceback.format_exc()
+    except _watch.Stopped:  # only the first SIGTERM raises, so this cannot recur
+        return "".join(traceback.format_exception_only(type(err), err))
+
+
 def main(workdir: str | None = None) -> int:
     if "RINGTRAIN_LOCAL_ENVS" in os.environ:
         workdir = become_mpi_rank()
@@ -268,37 +277,41 @@ def main(workdir: str | None = None) -> int:
     rank = int(os.environ["RANK"])
     code, by_signal, exit_bound = 0, None, 3.0
     try:
-        from .. import env
-
-        exit_bound = env.get("RINGTRAIN_KILL_GRACE")
-        recorder = _watch.install(
-            files, rank, env.get("RINGTRAIN_HEARTBEAT_INTERVAL"), env.get("RINGTRAIN_STALL_INSPECTOR")
-        )
-        tune_malloc()
-        _join_backend()
-        import cloudpickle
-
-        task = cloudpickle.loads(files.payload.read_bytes())
         try:
-            value = task()
+            from .. import env
+
+            exit_bound = env.get("RINGTRAIN_KILL_GRACE")
+            recorder = _watch.install(
+                files, rank, env.get("RINGTRAIN_HEARTBEAT_INTERVAL"), env.get("RINGTRAIN_STALL_INSPECTOR")
+            )
+            tune_malloc()
+            _join_backend()
+            import cloudpickle
+
+            task = cloudpickle.loads(files.payload.read_bytes())
+            try:
+                value = task()
+            except SystemExit as stop:
+                if stop.code not in (0, None):
+                    raise
+                value = None  # a script's sys.exit(0) is a success
+            _finish(files, rank, value, recorder)
+        except _watch.Stopped:
+            by_signal = signal.SIGTERM
+            write_atomic(files.error(rank), f"rank {rank} was stopped by SIGTERM\n".encode())
         except SystemExit as stop:
-            if stop.code not in (0, None):
-                raise
-            value = None  # a script's sys.exit(0) is a success
-        _finish(files, rank, value, recorder)
-    except _watch.Stopped:
-        by_signal = signal.SIGTERM
-        write_atomic(files.error(rank), f"rank {rank} was stopped by SIGTERM\n".encode())
-    except SystemExit as stop:
-        # Exit statuses are one byte; keep a failure a failure.
-        code = stop.code if isinstance(stop.code, int) and 0 < stop.code < 256 else 1
-        write_atomic(files.error(rank), f"SystemExit: {stop.code}\n".encode())
-    except BaseException:
-        write_atomic(files.error(rank), traceback.format_exc().encode())
-        code = 1
-    if code == 0 and by_signal is None:
-        # Also after sys.exit(0): an unfinalized exit makes Hydra kill the other ranks.
-        _leave_backend()
-    # Skip interpreter shutdown (TF's collective threads can stall it), not atexit handlers.
-    _watch.exit_process(code, exit_bound, by_signal)
+            # Exit statuses are one byte; keep a failure a failure.
+            code = stop.code if isinstance(stop.code, int) and 0 < stop.code < 256 else 1
+            write_atomic(files.error(rank), f"SystemExit: {stop.code}\n".encode())
+        except BaseException as err:
+            code = 1
+            write_atomic(files.error(rank), _failure_text(err).encode())
+        if code == 0 and by_signal is None:
+            # Also after sys.exit(0): an unfinalized exit makes Hydra kill the other ranks.
+            _leave_backend()
+    finally:
+        # Skip interpreter shutdown (TF's collective threads can stall it, and so can MPI's
+        # finalize with a dead peer), not atexit handlers; also when a stop signal lands
+        # while a failure is being reported.
+        _watch.exit_process(code, exit_bound, by_signal)
     return code

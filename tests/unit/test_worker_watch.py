@@ -171,3 +171,47 @@ def test_result_is_checked_on_its_rank(monkeypatch):
         worker.result_bytes(__import__("threading").Lock(), 0)
     monkeypatch.setenv("RINGTRAIN_RESULTS", "none")
     assert worker.result_bytes("x", 0) == b""
+
+
+def test_sigterm_while_a_failure_is_reported_still_reports_it_and_exits_at_once(tmp_path):
+    # The agent stops every rank as soon as one fails; the SIGTERM can land while a rank is
+    # still formatting its own traceback. It must still write its error and exit through
+    # the worker's bounded exit, not escape into interpreter shutdown (where MPI's finalize
+    # with a dead peer would hold it until the agent's SIGKILL).
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys, time
+        import cloudpickle
+        from ringtrain.protocol import WorkDir
+        from ringtrain.worker import FunctionTask, main
+
+        import linecache
+        read_line = linecache.getline
+
+        def slow_read(*args, **kwargs):  # as when reading a source line from a slow disk
+            if not os.environ.get("SENT"):
+                os.environ["SENT"] = "1"
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.5)
+            return read_line(*args, **kwargs)
+
+        class PeerGone(Exception):
+            pass
+
+        def fn():
+            linecache.getline = slow_read
+            raise PeerGone("rank 1 died")
+
+        files = WorkDir({str(tmp_path)!r})
+        files.payload.write_bytes(cloudpickle.dumps(FunctionTask(fn)))
+        os.environ.update(RANK="0", RINGTRAIN_KILL_GRACE="30")
+        main({str(tmp_path)!r})
+        print("main returned", flush=True)
+        """
+    )
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "main returned" not in done.stdout and "Stopped" not in done.stderr
+    assert time.monotonic() - started < 20  # not the 30 s exit bound
+    assert "PeerGone: rank 1 died" in WorkDir(tmp_path).error(0).read_text()
