@@ -310,8 +310,9 @@ class WorkDir:
     worker writes ``result-N`` (its pickled return value, empty when not asked for) or
     ``error-N`` (its traceback), and keeps ``progress-N`` current. An MPI rank's launcher
     shim writes ``status-N`` (the rank's exit status) and routes its output through the
-    ``stdout-N.fifo``/``stderr-N.fifo`` pipes. ``stacks-N`` receives a rank's stack dump, and
-    ``imports-N`` lists the slow modules a rank had imported when ``fn`` returned.
+    ``stdout-N.fifo``/``stderr-N.fifo`` pipes. ``stacks-N`` receives a rank's stack dump,
+    ``mpi-segments-N`` lists the MPI library's shared-memory files, and ``imports-N`` lists
+    the slow modules a rank had imported when ``fn`` returned.
     """
 
     def __init__(self, path: str | Path):
@@ -345,6 +346,14 @@ class WorkDir:
 
     def stacks(self, rank: int) -> Path:
         return self.path / f"stacks-{rank}.txt"
+
+    def mpi_segments(self, rank: int) -> Path:
+        """The shared-memory files the rank's MPI library mapped when it joined the world."""
+        return self.path / f"mpi-segments-{rank}"
+
+    def every_mpi_segments(self) -> list[Path]:
+        """Every rank's :meth:`mpi_segments` file that exists."""
+        return sorted(self.path.glob("mpi-segments-*"))
 
     def imports(self, rank: int) -> Path:
         """The slow modules the rank had imported when fn returned (comma-separated)."""

@@ -58,7 +58,7 @@ from typing import Any
 
 from ..data.spill import make_task_dir, spill
 from ..errors import AgentLostError, DataError
-from ..protocol import Done, seal_row
+from ..protocol import Done, WorkDir, seal_row
 from .channel import _recv_exact
 
 logger = logging.getLogger(__name__)
@@ -281,6 +281,9 @@ def run(
             _wait(proc, 5.0)
         stop_descendants(min(job.kill_grace, 5.0))  # orphans adopted if the keeper died
         set_subreaper(was_subreaper)
+        from .workers import remove_mpi_segments
+
+        remove_mpi_segments(WorkDir(workdir))  # the keeper's own clean-up, if it died first
         shutil.rmtree(workdir, ignore_errors=True)
         if data_dir is not None:  # last: every worker reading it has ended
             shutil.rmtree(data_dir, ignore_errors=True)

@@ -538,3 +538,33 @@ class MpiGroup(WorkerGroup):
             _hydra.terminate_group(self._proxy, grace=1.0)
         if self._mpiexec is not None:
             self._mpiexec.terminate(1.0)
+        remove_mpi_segments(self.files)
+
+
+def remove_mpi_segments(files: WorkDir) -> list[str]:
+    """Unlink the shared-memory files the MPI library of the (ended) ranks of this working
+    directory left in /dev/shm.
+
+    MPICH removes its segments in MPI_Finalize only; a job whose ranks were killed or
+    stopped would otherwise leave them behind for good (about 1 MB each, two per host and
+    job here), until a small /dev/shm (64 MiB in many containers) is full. Each name is
+    unique to one MPI job, and every rank of it on this host has ended, so nothing else
+    uses them. Returns what was removed.
+    """
+    removed: list[str] = []
+    for noted in files.every_mpi_segments():
+        try:
+            names = noted.read_text().split()
+        except OSError:
+            continue
+        for name in names:
+            if not name.startswith("/dev/shm/") or "/" in name[len("/dev/shm/") :]:
+                continue  # only files directly in /dev/shm
+            try:
+                os.unlink(name)
+            except OSError:
+                continue  # already gone: MPI_Finalize removed it, or a peer task's agent did
+            removed.append(name)
+    if removed:
+        logger.info("removed the MPI library's shared memory left by ended ranks: %s", removed)
+    return removed

@@ -192,12 +192,33 @@ def heavy_imports() -> list[str]:
     return [name for name in PREIMPORTABLE if name in sys.modules]
 
 
-def _join_backend() -> None:
+def _join_backend(files: WorkDir, rank: int) -> None:
     """Set up what the backend needs before user code runs."""
     if os.environ.get("RINGTRAIN_BACKEND") == "mpi":
         from ..backends.mpi import world
 
         world()  # joins COMM_WORLD now, and checks it matches RANK/SIZE
+        write_atomic(files.mpi_segments(rank), "\n".join(mapped_shm_files()).encode())
+
+
+def mapped_shm_files(maps: str = "/proc/self/maps") -> list[str]:
+    """The files under /dev/shm this process maps that still have a name.
+
+    Right after MPI_Init these are the MPI library's own segments. MPICH unlinks them in
+    MPI_Finalize, so a rank that dies (or is stopped) leaves them in /dev/shm for good; the
+    task agent removes them once the job's ranks on its host have ended.
+    """
+    found: list[str] = []
+    try:
+        with open(maps) as lines:
+            for line in lines:
+                path = line.rstrip("\n").split(maxsplit=5)[5:]
+                if path and path[0].startswith("/dev/shm/") and not path[0].endswith("(deleted)"):
+                    if path[0] not in found:
+                        found.append(path[0])
+    except OSError:
+        pass
+    return found
 
 
 def result_bytes(value: Any, rank: int) -> bytes:
@@ -285,7 +306,7 @@ def main(workdir: str | None = None) -> int:
                 files, rank, env.get("RINGTRAIN_HEARTBEAT_INTERVAL"), env.get("RINGTRAIN_STALL_INSPECTOR")
             )
             tune_malloc()
-            _join_backend()
+            _join_backend(files, rank)
             import cloudpickle
 
             task = cloudpickle.loads(files.payload.read_bytes())

@@ -215,3 +215,31 @@ def test_sigterm_while_a_failure_is_reported_still_reports_it_and_exits_at_once(
     assert "main returned" not in done.stdout and "Stopped" not in done.stderr
     assert time.monotonic() - started < 20  # not the 30 s exit bound
     assert "PeerGone: rank 1 died" in WorkDir(tmp_path).error(0).read_text()
+
+
+def test_the_mpi_librarys_shared_memory_is_noted_and_removed_after_the_ranks(tmp_path):
+    from ringtrain.launcher.workers import remove_mpi_segments
+    from ringtrain.worker import mapped_shm_files
+
+    mine = f"/dev/shm/ringtrain-test-{os.getpid()}"
+    maps = tmp_path / "maps"
+    maps.write_text(
+        "7f00-7f01 rw-s 00000000 00:1a 11 " + mine + "\n"
+        "7f01-7f02 rw-s 00000000 00:1a 12 " + mine + "\n"  # mapped twice: noted once
+        "7f02-7f03 rw-s 00000000 00:1a 13 /dev/shm/psm2 (deleted)\n"  # already unlinked
+        "7f03-7f04 r-xp 00000000 08:01 14 /usr/lib/libmpi.so.12\n"
+        "7ffc-7ffd rw-p 00000000 00:00 0 [stack]\n"
+    )
+    assert mapped_shm_files(str(maps)) == [mine]
+    files = WorkDir(tmp_path)
+    with open(mine, "wb") as segment:
+        segment.write(b"x")
+    files.mpi_segments(3).write_text(f"{mine}\n/etc/hostname\n/dev/shm/../etc/passwd")
+    try:
+        # Only files directly in /dev/shm go.
+        assert remove_mpi_segments(files) == [mine]
+        assert not os.path.exists(mine) and os.path.exists("/etc/hostname")
+        assert remove_mpi_segments(files) == []  # already gone: nothing to do
+    finally:
+        if os.path.exists(mine):
+            os.unlink(mine)
