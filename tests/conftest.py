@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import uuid
 
 import pytest
@@ -13,6 +15,12 @@ os.environ.setdefault("RINGTRAIN_TF_THREADS", "1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 # Every process this session starts inherits this marker (see helpers/procs.py).
 os.environ["RINGTRAIN_TEST_SESSION"] = uuid.uuid4().hex
+# Jobs keep their default job directory (ringtrain-jobs/... under the temp directory) for
+# their logs, and the suite runs hundreds of jobs: everything temporary of this session (job
+# directories, pytest's tmp_path folders) goes into one directory, removed when it ends.
+_SESSION_TMP = tempfile.mkdtemp(prefix="ringtrain-tests-")
+os.environ["TMPDIR"] = _SESSION_TMP
+tempfile.tempdir = None  # this process reads TMPDIR again too
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(_HERE, "helpers"))
@@ -43,3 +51,8 @@ def no_leftover_workers():
     left = wait_for_no_workers(exclude=before, timeout=2.0)
     left += wait_for_no_workers(exclude=before, timeout=2.0, pattern=KEEPER)
     assert not left, f"worker or keeper processes outlived the job: {left}"
+
+
+def pytest_unconfigure(config):
+    """Remove the session's temp directory (the jobs' directories) once every fixture ended."""
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)
